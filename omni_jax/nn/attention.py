@@ -1,0 +1,124 @@
+"""The one attention entry point.
+
+Model code asks for attention by *mask structure*: causal or bidirectional, restricted to equal
+segment ids (padding, packed sequences, audio windows, video frames), optionally within a sliding
+window. `self_attention` dispatches to the Pallas flash kernel (`pallas_kernels.windowed_attention`)
+on GPU/TPU and to the pure-XLA reference here on CPU; `cached_attention` serves decode steps over a
+preallocated KV cache.
+
+Shapes: q (B, Sq, Hq, D); k, v (B, Sk, Hkv, D) with Hq % Hkv == 0 (grouped-query attention, computed
+without materialising repeated K/V). Softmax runs in fp32 (pitfall P10). A query with no visible key
+(a padding row) yields zeros rather than NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["self_attention", "cached_attention", "masked_attention", "structure_mask"]
+
+_MASKED = -1e30  # finite: a fully masked row stays NaN-free
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_bqk: jax.Array, scale: float) -> jax.Array:
+    """Reference attention with an explicit boolean mask (B, Sq, Sk). Returns (B, Sq, Hq, D)."""
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    groups = hq // hkv
+    q5 = q.reshape(b, sq, hkv, groups, d)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q5, k, preferred_element_type=jnp.float32) * scale
+    mask = mask_bqk[:, None, None, :, :]
+    logits = jnp.where(mask, logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(mask, probs, 0.0).astype(v.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, sq, hq, d).astype(q.dtype)
+
+
+def structure_mask(
+    q_len: int,
+    k_len: int,
+    *,
+    segment_ids_q: jax.Array | None = None,
+    segment_ids_k: jax.Array | None = None,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    batch: int = 1,
+) -> jax.Array:
+    """Boolean (B, q_len, k_len) mask from a mask structure (query i and key j share a 0-based axis)."""
+    qi = jnp.arange(q_len)[:, None]
+    kj = jnp.arange(k_len)[None, :]
+    mask = jnp.ones((q_len, k_len), bool)
+    if causal:
+        mask &= kj <= qi
+    if window is not None:
+        left, right = window
+        if left is not None:
+            mask &= kj >= qi - left
+        if right is not None:
+            mask &= kj <= qi + right
+    mask = jnp.broadcast_to(mask, (batch, q_len, k_len))
+    if segment_ids_q is not None:
+        seg_k = segment_ids_q if segment_ids_k is None else segment_ids_k
+        mask = mask & (segment_ids_q[:, :, None] == seg_k[:, None, :])
+    return mask
+
+
+def _use_pallas(impl: str) -> tuple[bool, bool]:
+    """(use the kernel, in interpret mode) for an `attention_impl` setting."""
+    if impl == "pallas":
+        return True, False
+    if impl == "pallas_interpret":
+        return True, True
+    if impl == "auto":
+        return jax.default_backend() in ("gpu", "tpu"), False
+    return False, False
+
+
+def self_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    scale: float | None = None,
+    impl: str = "auto",
+) -> jax.Array:
+    """Self-attention over one sequence axis with a structured mask.
+
+    segment_ids: (B, S) int32; a query attends only to keys with the same id (0 may be used for
+      padding: padding then attends only to padding, and real tokens never see it).
+    window: (left, right) in tokens; query i sees keys in [i - left, i + right].
+    impl: "auto" | "xla" | "pallas" | "pallas_interpret".
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    use_kernel, interpret = _use_pallas(impl)
+    if use_kernel:
+        import pallas_kernels  # noqa: PLC0415 - optional dependency of the model package
+
+        return pallas_kernels.windowed_attention(
+            q, k, v, segment_ids=segment_ids, causal=causal, window=window, scale=scale, interpret=interpret
+        )
+    mask = structure_mask(
+        q.shape[1], k.shape[1], segment_ids_q=segment_ids, causal=causal, window=window, batch=q.shape[0]
+    )
+    return masked_attention(q, k, v, mask, scale)
+
+
+def cached_attention(
+    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, key_valid_bk: jax.Array, scale: float | None = None
+) -> jax.Array:
+    """Decode-step attention of q (B, Sq, Hq, D) over a KV cache (B, K, Hkv, D).
+
+    key_valid_bk: (B, K) bool, the cache slots each row may see (its real prompt tokens and the
+    tokens generated so far). With Sq > 1 the same key set is used for every query (the caller
+    adds causality by passing a (B, Sq, K) mask instead).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = key_valid_bk if key_valid_bk.ndim == 3 else jnp.broadcast_to(
+        key_valid_bk[:, None, :], (q.shape[0], q.shape[1], k_cache.shape[1])
+    )
+    return masked_attention(q, k_cache, v_cache, mask, scale)

@@ -1,0 +1,323 @@
+"""The Qwen3 decoder stack shared by the thinker, the talker and the code predictor.
+
+Layer: x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x)); attention has per-head q/k RMSNorm applied
+before the rotary embedding; the MLP is MoE (thinker, talker: + shared expert) or dense SwiGLU
+(code predictor). Layers are stacked on a leading axis and run by `lax.scan` (or a Python loop when
+`Runtime.scan_layers` is off); the KV cache (L, B, S_max, Hkv, D) travels in the scan carry and is
+updated in place.
+
+Two entry points:
+  * `prefill`: a whole sequence, causal within each row's real tokens (`attention_mask`), writing
+    K/V into cache slots [0, S) when a cache is given.
+  * `decode`: new tokens at cache slot `cache_index`, attending over the cache slots `key_valid`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from omni_jax.config import Runtime
+from omni_jax.nn import attention as attn_lib
+from omni_jax.nn.moe import moe_forward, moe_specs, shared_expert_specs
+from omni_jax.nn.norms import rms_norm
+from omni_jax.nn.params import ParamSpec, stack_layers
+from omni_jax.nn.rope import apply_rotary, mrope_cos_sin, rope_cos_sin
+
+__all__ = ["DecoderDims", "decoder_specs", "KVCache", "init_cache", "prefill", "decode", "DecoderOutput"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderDims:
+    """What the decoder stack needs to know, read off any of the three decoder configs."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...] | None  # None: plain 1-D rope
+    num_experts: int = 0  # 0: dense SwiGLU MLP
+    top_k: int = 0
+    norm_topk_prob: bool = True
+    moe_intermediate_size: int = 0
+    intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    initializer_range: float = 0.02
+
+    @classmethod
+    def from_config(cls, cfg) -> "DecoderDims":
+        num_experts = getattr(cfg, "num_experts", 0) or 0
+        if num_experts and hasattr(cfg, "all_layers_moe") and not cfg.all_layers_moe:
+            raise NotImplementedError(
+                "decoders mixing dense and MoE layers (mlp_only_layers / decoder_sparse_step > 1) are not "
+                "supported; every Qwen3-Omni checkpoint uses MoE in all layers"
+            )
+        return cls(
+            hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+            rms_norm_eps=cfg.rms_norm_eps,
+            rope_theta=cfg.rope_theta,
+            mrope_section=tuple(cfg.mrope_section) if hasattr(cfg, "mrope_section") else None,
+            num_experts=num_experts,
+            top_k=getattr(cfg, "num_experts_per_tok", 0) if num_experts else 0,
+            norm_topk_prob=getattr(cfg, "norm_topk_prob", True),
+            moe_intermediate_size=getattr(cfg, "moe_intermediate_size", 0),
+            intermediate_size=cfg.intermediate_size,
+            shared_expert_intermediate_size=getattr(cfg, "shared_expert_intermediate_size", 0) or 0,
+            initializer_range=cfg.initializer_range,
+        )
+
+
+def _layer_specs(d: DecoderDims) -> dict:
+    h, std = d.hidden_size, d.initializer_range
+    q_out, kv_out = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+    spec = {
+        "input_layernorm": {"weight": ParamSpec((h,), ("embed",), init="ones")},
+        "post_attention_layernorm": {"weight": ParamSpec((h,), ("embed",), init="ones")},
+        "self_attn": {
+            "q_proj": {"kernel": ParamSpec((h, q_out), ("embed", "q_heads"), std=std)},
+            "k_proj": {"kernel": ParamSpec((h, kv_out), ("embed", "kv_heads"), std=std)},
+            "v_proj": {"kernel": ParamSpec((h, kv_out), ("embed", "kv_heads"), std=std)},
+            "o_proj": {"kernel": ParamSpec((q_out, h), ("q_heads", "embed"), std=std)},
+            "q_norm": {"weight": ParamSpec((d.head_dim,), ("head_dim",), init="ones")},
+            "k_norm": {"weight": ParamSpec((d.head_dim,), ("head_dim",), init="ones")},
+        },
+    }
+    if d.num_experts:
+        mlp = moe_specs(h, d.moe_intermediate_size, d.num_experts, std)
+        if d.shared_expert_intermediate_size:
+            mlp.update(shared_expert_specs(h, d.shared_expert_intermediate_size, std))
+    else:
+        mlp = {
+            "gate_proj": {"kernel": ParamSpec((h, d.intermediate_size), ("embed", "mlp"), std=std)},
+            "up_proj": {"kernel": ParamSpec((h, d.intermediate_size), ("embed", "mlp"), std=std)},
+            "down_proj": {"kernel": ParamSpec((d.intermediate_size, h), ("mlp", "embed"), std=std)},
+        }
+    spec["mlp"] = mlp
+    return spec
+
+
+def decoder_specs(d: DecoderDims) -> dict:
+    """`layers` (stacked) and the final `norm`. Embeddings and heads belong to the caller."""
+    return {
+        "layers": stack_layers(_layer_specs(d), d.num_layers),
+        "norm": {"weight": ParamSpec((d.hidden_size,), ("embed",), init="ones")},
+    }
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # (L, B, S_max, Hkv, D)
+    v: jax.Array  # (L, B, S_max, Hkv, D)
+
+
+CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+def init_cache(d: DecoderDims, batch: int, max_len: int, dtype) -> KVCache:
+    shape = (d.num_layers, batch, max_len, d.num_kv_heads, d.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class DecoderOutput(NamedTuple):
+    hidden: jax.Array  # (B, S, D) after the final norm
+    router_logits: jax.Array | None  # (L, B*S, E) or None for dense decoders
+    cache: KVCache | None
+    captured: jax.Array | None  # (B, S, D) hidden_states[capture_layer] (pre-DeepStack), if asked
+    all_hidden: jax.Array | None  # (L, B, S, D) every layer's output (pre-DeepStack), if asked
+
+
+def _cos_sin(d: DecoderDims, position_ids, dtype):
+    if d.mrope_section is not None:
+        if position_ids.ndim == 2:
+            position_ids = jnp.broadcast_to(position_ids[None], (3, *position_ids.shape))
+        return mrope_cos_sin(position_ids, d.head_dim, d.rope_theta, d.mrope_section, dtype)
+    return rope_cos_sin(position_ids, d.head_dim, d.rope_theta, dtype)
+
+
+def _qkv(lp, x, cos, sin, d: DecoderDims):
+    b, s, _ = x.shape
+    dtype = x.dtype
+    p = lp["self_attn"]
+    q = jnp.dot(x, p["q_proj"]["kernel"].astype(dtype)).reshape(b, s, d.num_heads, d.head_dim)
+    k = jnp.dot(x, p["k_proj"]["kernel"].astype(dtype)).reshape(b, s, d.num_kv_heads, d.head_dim)
+    v = jnp.dot(x, p["v_proj"]["kernel"].astype(dtype)).reshape(b, s, d.num_kv_heads, d.head_dim)
+    q = rms_norm(q, p["q_norm"]["weight"], d.rms_norm_eps)
+    k = rms_norm(k, p["k_norm"]["weight"], d.rms_norm_eps)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+def _mlp(lp, x, d: DecoderDims, rt: Runtime):
+    if d.num_experts:
+        return moe_forward(
+            x, lp["mlp"], top_k=d.top_k, norm_topk_prob=d.norm_topk_prob, impl=rt.moe_impl,
+            grouped_matmul_impl=rt.grouped_matmul_impl,
+        )
+    p = lp["mlp"]
+    dtype = x.dtype
+    gate = jnp.dot(x, p["gate_proj"]["kernel"].astype(dtype))
+    up = jnp.dot(x, p["up_proj"]["kernel"].astype(dtype))
+    return jnp.dot(jax.nn.silu(gate) * up, p["down_proj"]["kernel"].astype(dtype)), None
+
+
+def _layer(lp, x, cos, sin, d: DecoderDims, rt: Runtime, attend):
+    """One decoder layer; `attend(q, k, v) -> (B, S, Hq, D)` carries the mask/cache logic."""
+    dtype = x.dtype
+    h = rms_norm(x, lp["input_layernorm"]["weight"], d.rms_norm_eps)
+    q, k, v = _qkv(lp, h, cos, sin, d)
+    a = attend(q, k, v)
+    b, s = x.shape[:2]
+    a = jnp.dot(a.reshape(b, s, -1), lp["self_attn"]["o_proj"]["kernel"].astype(dtype))
+    x = x + a
+    h = rms_norm(x, lp["post_attention_layernorm"]["weight"], d.rms_norm_eps)
+    m, router_logits = _mlp(lp, h, d, rt)
+    return x + m, router_logits
+
+
+def _remat(fn, rt: Runtime):
+    if rt.remat == "full":
+        return jax.checkpoint(fn)
+    if rt.remat == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
+    return fn
+
+
+def _stack(layers, x, body, d: DecoderDims, rt: Runtime, carry_extra):
+    """Runs `body(i, lp, x, extra) -> (x, extra, per_layer_out)` over layers (scanned or unrolled)."""
+    body = _remat(body, rt)
+    if rt.scan_layers:
+        def scan_body(carry, inputs):
+            x, extra = carry
+            i, lp = inputs
+            x, extra, out = body(i, lp, x, extra)
+            return (x, extra), out
+
+        (x, extra), outs = jax.lax.scan(scan_body, (x, carry_extra), (jnp.arange(d.num_layers), layers))
+        return x, extra, outs
+    outs = []
+    extra = carry_extra
+    for i in range(d.num_layers):
+        lp = jax.tree.map(lambda a, i=i: a[i], layers)
+        x, extra, out = body(jnp.int32(i), lp, x, extra)
+        outs.append(out)
+    return x, extra, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+def prefill(
+    params: dict,
+    embeds_bsd: jax.Array,
+    position_ids: jax.Array,
+    attention_mask_bs: jax.Array,
+    d: DecoderDims,
+    rt: Runtime,
+    *,
+    cache: KVCache | None = None,
+    deepstack_nbsd: jax.Array | None = None,
+    capture_layer: int | None = None,
+    return_all_hidden: bool = False,
+) -> DecoderOutput:
+    """Runs the whole prompt.
+
+    embeds_bsd: (B, S, D) input embeddings. position_ids: (3, B, S) for M-RoPE or (B, S) for 1-D rope.
+    attention_mask_bs: (B, S) 1 for real tokens (left padding supported).
+    cache: if given, K/V of every layer are written to slots [0, S).
+    deepstack_nbsd: (n, B, S, D) features added to the output of layers 0..n-1 (zeros off the
+      visual positions).
+    capture_layer: also return `hidden_states[capture_layer]` in the reference's numbering
+      (0 = embeddings, i = output of layer i-1, before any DeepStack addition).
+    """
+    x = embeds_bsd
+    dtype = x.dtype
+    cos, sin = _cos_sin(d, position_ids, dtype)
+    segment_ids = attention_mask_bs.astype(jnp.int32)
+    num_deepstack = 0 if deepstack_nbsd is None else deepstack_nbsd.shape[0]
+
+    def body(i, lp, x, extra):
+        cache_k, cache_v, captured = extra
+
+        holder = {}
+
+        def attend(q, k, v):
+            holder["k"], holder["v"] = k, v
+            return attn_lib.self_attention(q, k, v, segment_ids=segment_ids, causal=True, impl=rt.attention_impl)
+
+        y, router_logits = _layer(lp, x, cos, sin, d, rt, attend)
+        if cache is not None:
+            k = holder["k"].astype(cache_k.dtype)[None]
+            v = holder["v"].astype(cache_v.dtype)[None]
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k, (i, 0, 0, 0, 0))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v, (i, 0, 0, 0, 0))
+        if capture_layer is not None:
+            captured = jnp.where(i + 1 == capture_layer, y, captured)
+        layer_out = y
+        if num_deepstack:
+            feature = deepstack_nbsd[jnp.minimum(i, num_deepstack - 1)].astype(dtype)
+            y = jnp.where(i < num_deepstack, y + feature, y)
+        outs = (router_logits, layer_out if return_all_hidden else None)
+        return y, (cache_k, cache_v, captured), outs
+
+    captured0 = x if capture_layer == 0 else (jnp.zeros_like(x) if capture_layer is not None else None)
+    extra0 = (
+        cache.k if cache is not None else None,
+        cache.v if cache is not None else None,
+        captured0,
+    )
+    x, (ck, cv, captured), (router_logits, all_hidden) = _stack(params["layers"], x, body, d, rt, extra0)
+    hidden = rms_norm(x, params["norm"]["weight"], d.rms_norm_eps)
+    new_cache = KVCache(ck, cv) if cache is not None else None
+    return DecoderOutput(hidden, router_logits, new_cache, captured, all_hidden)
+
+
+def decode(
+    params: dict,
+    embeds_bsd: jax.Array,
+    position_ids: jax.Array,
+    cache: KVCache,
+    cache_index: jax.Array,
+    key_valid_bk: jax.Array,
+    d: DecoderDims,
+    rt: Runtime,
+    *,
+    capture_layer: int | None = None,
+) -> DecoderOutput:
+    """Runs S new tokens per row (usually 1) written at cache slots [cache_index, cache_index + S).
+
+    key_valid_bk: (B, S_max) the slots each row may attend to, *including* the new ones; for S > 1
+    causality among the new tokens is added here.
+    """
+    x = embeds_bsd
+    dtype = x.dtype
+    cos, sin = _cos_sin(d, position_ids, dtype)
+    new = x.shape[1]
+    max_len = cache.k.shape[2]
+    slot = jnp.arange(max_len)
+    query_slot = cache_index + jnp.arange(new)
+    mask = key_valid_bk[:, None, :] & (slot[None, None, :] <= query_slot[None, :, None])
+
+    def body(i, lp, x, extra):
+        cache_k, cache_v, captured = extra
+        holder = {}
+
+        def attend(q, k, v):
+            ck = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], (i, 0, cache_index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], (i, 0, cache_index, 0, 0))
+            holder["k"], holder["v"] = ck, cv
+            return attn_lib.cached_attention(q, ck[i], cv[i], mask)
+
+        y, _ = _layer(lp, x, cos, sin, d, rt, attend)
+        if capture_layer is not None:
+            captured = jnp.where(i + 1 == capture_layer, y, captured)
+        return y, (holder["k"], holder["v"], captured), None
+
+    captured0 = x if capture_layer == 0 else (jnp.zeros_like(x) if capture_layer is not None else None)
+    x, (ck, cv, captured), _ = _stack(params["layers"], x, body, d, rt, (cache.k, cache.v, captured0))
+    hidden = rms_norm(x, params["norm"]["weight"], d.rms_norm_eps)
+    return DecoderOutput(hidden, None, KVCache(ck, cv), captured, None)
