@@ -1,0 +1,118 @@
+"""infer.py end to end, through the command line, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import omni_jax
+from omni_jax import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_infer(*args, cwd):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+    return proc
+
+
+def read_results(folder):
+    return [json.loads(line) for line in open(os.path.join(folder, "results.jsonl"))]
+
+
+def test_embedded_default_runs_and_says_weights_are_random(tmp_path):
+    proc = run_infer(cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "RANDOM weights" in proc.stderr
+    results = read_results(tmp_path / "out")
+    assert [r["id"] for r in results] == ["builtin-0", "builtin-1"]
+    assert all(len(r["generated_ids"]) >= 1 for r in results)
+
+
+def test_bad_requests_are_reported_and_the_others_served(tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join([
+        json.dumps({"id": "ok", "input_ids": [1, 2, 3, 4]}),
+        "{not json",
+        json.dumps({"id": "out-of-vocab", "input_ids": [1, 99999]}),
+        json.dumps({"id": "too-long", "input_ids": [5] * 4090}),
+        json.dumps({"id": "chat-without-tokenizer", "messages": [{"role": "user", "content": "hi"}]}),
+        json.dumps({"id": "empty"}),
+        json.dumps({"id": "ok2", "input_ids": [7, 8]}),
+    ]) + "\n")
+    proc = run_infer("--requests", str(requests), "--out", str(tmp_path / "res"), "--greedy",
+                     "--max-new-tokens", "8", "--batch-size", "2", cwd=tmp_path)
+    assert proc.returncode == 1  # some requests failed
+    results = {r["id"]: r for r in read_results(tmp_path / "res")}
+    assert len(results["ok"]["generated_ids"]) == 8 and len(results["ok2"]["generated_ids"]) == 8
+    assert "requests.jsonl:2: malformed JSON line" in results["line-2"]["error"]
+    assert "outside the vocabulary" in results["out-of-vocab"]["error"]
+    assert "exceeds the model's context" in results["too-long"]["error"]
+    assert "tokenizer.json" in results["chat-without-tokenizer"]["error"]
+    assert "needs 'input_ids' or 'messages'" in results["empty"]["error"]
+
+
+def test_greedy_results_equal_the_python_api(tmp_path):
+    requests = tmp_path / "r.jsonl"
+    requests.write_text(json.dumps({"id": "a", "input_ids": [3, 1, 4, 1, 5, 9, 2, 6]}) + "\n")
+    proc = run_infer("--requests", str(requests), "--out", str(tmp_path), "--greedy", "--max-new-tokens", "6",
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    model = omni_jax.OmniModel.random(omni_jax.preset("tiny"), seed=0,
+                                      runtime=omni_jax.Runtime(dtype="float32", param_dtype="float32"))
+    out = model.generate([[3, 1, 4, 1, 5, 9, 2, 6]], max_new_tokens=6)
+    assert read_results(tmp_path)[0]["generated_ids"] == out.sequences[0, 8 : 8 + out.num_generated[0]].tolist()
+
+
+def test_start_up_errors_exit_2_with_a_message(tmp_path):
+    proc = run_infer("--requests", str(tmp_path / "missing.jsonl"), cwd=tmp_path)
+    assert proc.returncode == 2 and "missing.jsonl" in proc.stderr and "does not exist" in proc.stderr
+    proc = run_infer("--preset", "gigantic", cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown preset 'gigantic'" in proc.stderr
+    proc = run_infer("--ckpt", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def _word_tokenizer(path, extra_tokens):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["hello", "world", "how", "are", "you", "user", "assistant", "system", "\n", "?", "!"]
+    vocab = {w: i for i, w in enumerate(words)}
+    for token, token_id in extra_tokens.items():
+        vocab[token] = token_id
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split(r"(<\|[a-z_]+\|>|\n|\s+)", behavior="isolated")
+    tok.add_special_tokens(list(extra_tokens))
+    tok.save(str(path))
+
+
+def test_chat_messages_with_a_checkpoint_tokenizer(tmp_path):
+    config = omni_jax.preset("tiny").replace(talker_config=None, code2wav_config=None, enable_audio_output=False)
+    model = omni_jax.OmniModel.random(config, seed=3, runtime=omni_jax.Runtime(dtype="float32", param_dtype="float32"))
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save_params(str(ckpt), jax.device_get(model.params), config, "float32")
+    _word_tokenizer(ckpt / "tokenizer.json", {"<|im_start|>": config.im_start_token_id,
+                                              "<|im_end|>": config.im_end_token_id, "<|endoftext|>": 0})
+    (ckpt / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}{{ c['text'] }}"
+        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    requests = tmp_path / "chat.jsonl"
+    requests.write_text(json.dumps({"id": "chat", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "hello world how are you"}]}]}) + "\n")
+    proc = run_infer("--ckpt", str(ckpt), "--requests", str(requests), "--out", str(tmp_path / "o"), "--greedy",
+                     "--max-new-tokens", "5", "--dtype", "float32", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (result,) = read_results(tmp_path / "o")
+    from tokenizers import Tokenizer
+
+    rendered = "<|im_start|>user\nhello world how are you<|im_end|>\n<|im_start|>assistant\n"
+    expected_ids = Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(rendered).ids
+    assert config.im_start_token_id in expected_ids
+    assert result["prompt_tokens"] == len(expected_ids)
+    assert isinstance(result["text"], str) and len(result["generated_ids"]) == 5
