@@ -251,7 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model_bytes = sum(b.nbytes for b in buffers.values())
-    checkpoint.save_params(args.dst, unflatten(buffers), config, args.dtype, copy_from=args.src)
+    # Hand orbax device arrays, moved one at a time (each host buffer freed as it goes): given numpy
+    # buffers it stages a second copy of the whole model while writing.
+    cpu = jax.devices("cpu")[0]
+    arrays = {}
+    for path in list(buffers):
+        arrays[path] = jax.device_put(buffers.pop(path), cpu)
+    checkpoint.save_params(args.dst, unflatten(arrays), config, args.dtype, copy_from=args.src)
     print(
         f"converted {total} tensors ({model_bytes / 2**20:.1f} MiB as {args.dtype}) to {args.dst} in "
         f"{time.perf_counter() - start:.1f}s; peak host memory {_peak_rss_bytes() / 2**20:.1f} MiB",
