@@ -1,0 +1,1 @@
+"""Kernel tests: Pallas kernels (interpret mode on CPU) against their pure-JAX references."""
