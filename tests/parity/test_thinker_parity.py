@@ -146,3 +146,16 @@ def test_bfloat16_logits_close_by_kl(rng):
     ours_kl, reference_kl = kl(exact, ours), kl(exact, ref_bf16)
     assert ours_kl < 1e-3, ours_kl
     assert ours_kl <= 3 * reference_kl + 1e-5, (ours_kl, reference_kl)
+
+
+def test_thinker_with_pallas_kernels_in_interpret_mode_equals_reference_path(rng):
+    """The model's attention and grouped-matmul entry points, switched to the Pallas kernels."""
+    config, _, params = reference_and_params("tiny")
+    ids, mask = left_padded_batch(rng, 2, 40, config.text.vocab_size, pads=(0, 7))
+    pos3, _ = _distinct_thw_positions(mask)
+    kernels = FP32.replace(attention_impl="pallas_interpret", grouped_matmul_impl="pallas_interpret")
+    expected = _ours(params, ids, mask, pos3, config, FP32.replace(attention_impl="xla", grouped_matmul_impl="tiled"))
+    got = _ours(params, ids, mask, pos3, config, kernels)
+    valid = mask.astype(bool)
+    scale = np.abs(np.asarray(expected.logits)[valid]).max()
+    assert np.abs(np.asarray(got.logits)[valid] - np.asarray(expected.logits)[valid]).max() <= LOGIT_TOLERANCE * scale
