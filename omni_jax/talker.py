@@ -44,6 +44,7 @@ from omni_jax.nn.params import ParamSpec
 
 __all__ = [
     "DEFAULT_SAMPLING",
+    "GREEDY_SAMPLING",
     "talker_dims",
     "talker_specs",
     "codec_embed",
@@ -71,8 +72,10 @@ __all__ = [
     "generate_codes",
 ]
 
-# The reference's talker defaults (`Qwen3OmniMoeForConditionalGeneration.generate`).
+# The reference's talker defaults (`Qwen3OmniMoeForConditionalGeneration.generate`), and its greedy
+# mode (`talker_do_sample=False`), which keeps the repetition penalty: it is a processor, not a warper.
 DEFAULT_SAMPLING = SamplingConfig(do_sample=True, temperature=0.9, top_k=50, top_p=1.0, repetition_penalty=1.05)
+GREEDY_SAMPLING = SamplingConfig(do_sample=False, repetition_penalty=1.05)
 
 # trailing-text entry kinds (`TalkerInputPlan.trailing_kind`)
 TEXT, TTS_EOS, TTS_PAD = 0, 1, 2
