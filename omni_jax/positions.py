@@ -22,7 +22,10 @@ last emitted block + 1, 0 at the start):
 * audio in video: video and audio positions both start at the same `st_idx` and are merged by
   time, a video token first when its T <= the audio position (`replace_video_with_audio_token` lays
   the tokens out in the same order); the end tokens start after the max of the *last merged run*,
-  not of the whole block (a reference quirk we keep).
+  not of the whole block (a reference quirk we keep). The processor orders the tokens with float64
+  times, the model with float32 ones; they disagree on exact ties at some frame rates (e.g. 7, 15 or
+  30 fps, never at 1, 2, 2.5, 3 or 4 fps), where the reference swaps the ids of the two tokens
+  involved — we follow the model, as `get_rope_index` ignores the token layout.
 
 Padding gets 0 in the multimodal branch and 1 in the text-only branch (taken when no image or video
 grid is given, even with audio; audio positions are sequential so only the padding value differs).

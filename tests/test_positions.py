@@ -389,3 +389,33 @@ def test_decode_positions_match_reference_paths():
     # Every prompt here ends with text, so the generate rule (last + 1 + k) equals decode_position_ids.
     generate_rule = pos[:, :, -1:] + 1 + np.arange(new, dtype=np.float32)
     np.testing.assert_array_equal(generate_rule, ours)
+
+
+def test_processor_float64_ties_vs_model_float32_is_reproduced():
+    """Known reference inconsistency, kept: at 7 fps (second_per_grid 2/7) frame 21 sits at
+    T = 78 in the processor's float64 layout (video token before audio token 78) but at 78.00001 in
+    the model's float32 merge (audio first). get_rope_index ignores the layout, so that video token
+    gets the audio id and the next audio token gets the video ids; we match the model bit for bit."""
+    b = Batch().row(1, ("av", (22, 2, 2), 2 / 7, 700), 1)
+    pos, _, ids, _ = check(b, use_audio_in_video=True)
+    last_video = np.flatnonzero(ids[0] == VID)[-1]
+    assert ids[0, last_video + 1] == A
+    np.testing.assert_array_equal(pos[:, 0, last_video], [81, 81, 81])  # 3 + audio token 78
+    t21 = np.float32(21) * np.float32(2 / 7) * np.float32(13) + np.float32(3)
+    assert t21 > 81
+    np.testing.assert_array_equal(pos[:, 0, last_video + 1], [t21, 3, 3])
+
+
+def test_unsorted_video_times_use_the_literal_merge_loop():
+    # A negative second_per_grid makes video times decrease: the vectorised merge does not apply and
+    # the token-by-token loop (the reference's own) must give the same ids.
+    n_a = audio_output_length(130)
+    ids = np.array([[7, VS, AS] + [VID] * 3 + [A] * n_a + [AE, VE, 8]])
+    mask = np.ones_like(ids)
+    media = dict(image_grid_thw=None, video_grid_thw=np.array([[3, 2, 2]]), second_per_grids=np.array([-0.5]),
+                 audio_seqlens=np.array([130]))
+    ours = P.rope_index(ids, mask, config=CFG, use_audio_in_video=True, **media)
+    ref = reference_rope_index(ids, mask, media, True)
+    np.testing.assert_array_equal(ours[0], ref[0])
+    np.testing.assert_array_equal(ours[1], ref[1])
+    np.testing.assert_array_equal(ours[0][0, 0, 3:6], [3, -3.5, -10])
