@@ -45,7 +45,7 @@ prompt's last real token holds its row's max position (a text token, as in every
 from __future__ import annotations
 
 import bisect
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -371,7 +371,7 @@ def rope_index(
 
 
 def position_ids_for_inputs(
-    input_ids, attention_mask, config, **multimodal: Mapping[str, Any]
+    input_ids, attention_mask, config, **multimodal: Any
 ) -> tuple[np.ndarray, np.ndarray]:
     """`rope_index` from the reference processor's keys (`image_grid_thw`, `video_grid_thw`,
     `video_second_per_grid`, `feature_attention_mask` or `audio_feature_lengths`, `use_audio_in_video`;
