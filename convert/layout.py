@@ -3,7 +3,9 @@
 The map is *derived* from the ParamSpec tree, never written by hand, so that a parameter declared in
 the model is automatically expected in the checkpoint (and vice versa). Rules:
 
-  * path components join with "."; a stacked `layers` axis becomes `layers.{i}`;
+  * path components join with "."; a stacked `layers` axis becomes `{container}.{i}`, where the
+    container is the path component that names the repeated module (`layers` in the decoders and
+    the audio tower, `blocks` in the vision encoder: `STACK_CONTAINERS`);
   * `kernel` leaves are `weight` in PyTorch, transposed (Linear stores (out, in));
   * expert tensors `.../experts/{gate_proj,up_proj,down_proj}` (layers, experts, in, out) are
     `experts.{e}.{name}.weight` of shape (out, in) in the hub layout (one tensor per expert), or,
@@ -68,6 +70,10 @@ def normalize_key(key: str) -> str:
     return key
 
 
+# Path components under which a stacked (`layers`-axis) parameter's layer index is inserted.
+STACK_CONTAINERS = ("layers", "blocks")
+
+
 def _stacked_dims(spec: ParamSpec) -> int:
     return 1 if spec.axes and spec.axes[0] == "layers" else 0
 
@@ -86,10 +92,14 @@ def hub_layout(spec_tree: dict) -> dict[str, Slot]:
         index_ranges = [range(spec.shape[0])] if stacked else [range(1)]
         for layer in index_ranges[0]:
             names = []
+            inserted = False
             for p in parts:
                 names.append(p)
-                if stacked and p == "layers":
+                if stacked and not inserted and p in STACK_CONTAINERS:
                     names.append(str(layer))
+                    inserted = True
+            if stacked and not inserted:
+                raise ValueError(f"stacked parameter {path!r} has no container component in {STACK_CONTAINERS}")
             if is_expert:
                 base = ".".join(names[:-1])
                 for e in range(spec.shape[stacked]):
@@ -113,10 +123,12 @@ def fused_layout(spec_tree: dict) -> dict[str, FusedSlot]:
         num_layers, num_experts, hidden, inter = spec.shape
         for layer in range(num_layers):
             names = []
+            inserted = False
             for p in parts[:-1]:
                 names.append(p)
-                if p == "layers":
+                if not inserted and p in STACK_CONTAINERS:
                     names.append(str(layer))
+                    inserted = True
             base = ".".join(names)
             out[f"{base}.gate_up_proj"] = FusedSlot("gate_up", layer, prefix, (num_experts, 2 * inter, hidden))
             out[f"{base}.down_proj"] = FusedSlot("down", layer, prefix, (num_experts, hidden, inter))

@@ -155,11 +155,11 @@ def _qkv(lp, x, cos, sin, d: DecoderDims):
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
 
-def _mlp(lp, x, d: DecoderDims, rt: Runtime):
+def _mlp(lp, x, d: DecoderDims, rt: Runtime, layer):
     if d.num_experts:
         return moe_forward(
             x, lp["mlp"], top_k=d.top_k, norm_topk_prob=d.norm_topk_prob, impl=rt.moe_impl,
-            grouped_matmul_impl=rt.grouped_matmul_impl,
+            grouped_matmul_impl=rt.grouped_matmul_impl, layer=layer,
         )
     p = lp["mlp"]
     dtype = x.dtype
@@ -168,8 +168,11 @@ def _mlp(lp, x, d: DecoderDims, rt: Runtime):
     return jnp.dot(jax.nn.silu(gate) * up, p["down_proj"]["kernel"].astype(dtype)), None
 
 
-def _layer(lp, x, cos, sin, d: DecoderDims, rt: Runtime, attend):
-    """One decoder layer; `attend(q, k, v) -> (B, S, Hq, D)` carries the mask/cache logic."""
+def _layer(lp, x, cos, sin, d: DecoderDims, rt: Runtime, attend, layer):
+    """One decoder layer; `attend(q, k, v) -> (B, S, Hq, D)` carries the mask/cache logic.
+
+    `lp["mlp"]["experts"]`, if present, holds every layer's experts; `layer` selects this one.
+    """
     dtype = x.dtype
     h = rms_norm(x, lp["input_layernorm"]["weight"], d.rms_norm_eps)
     q, k, v = _qkv(lp, h, cos, sin, d)
@@ -178,7 +181,7 @@ def _layer(lp, x, cos, sin, d: DecoderDims, rt: Runtime, attend):
     a = jnp.dot(a.reshape(b, s, -1), lp["self_attn"]["o_proj"]["kernel"].astype(dtype))
     x = x + a
     h = rms_norm(x, lp["post_attention_layernorm"]["weight"], d.rms_norm_eps)
-    m, router_logits = _mlp(lp, h, d, rt)
+    m, router_logits = _mlp(lp, h, d, rt, layer)
     return x + m, router_logits
 
 
@@ -190,23 +193,44 @@ def _remat(fn, rt: Runtime):
     return fn
 
 
+def _split_experts(layers: dict) -> tuple[dict, dict | None]:
+    """(per-layer params without the expert stacks, the expert stacks) of stacked decoder layers."""
+    mlp = layers.get("mlp", {})
+    if "experts" not in mlp:
+        return layers, None
+    rest = dict(layers, mlp={k: v for k, v in mlp.items() if k != "experts"})
+    return rest, mlp["experts"]
+
+
 def _stack(layers, x, body, d: DecoderDims, rt: Runtime, carry_extra):
-    """Runs `body(i, lp, x, extra) -> (x, extra, per_layer_out)` over layers (scanned or unrolled)."""
+    """Runs `body(i, lp, x, extra) -> (x, extra, per_layer_out)` over layers (scanned or unrolled).
+
+    Expert stacks are not sliced per layer: they reach the body whole (`lp["mlp"]["experts"]` is
+    (L, E, in, out)) and the MoE indexes [layer, expert] where it reads a matrix, because slicing
+    a layer's (E, in, out) stack out of the scanned inputs copies all of it every layer on CPU.
+    """
     body = _remat(body, rt)
+    per_layer, experts = _split_experts(layers)
+
+    def with_experts(lp):
+        if experts is None:
+            return lp
+        return dict(lp, mlp=dict(lp["mlp"], experts=experts))
+
     if rt.scan_layers:
         def scan_body(carry, inputs):
             x, extra = carry
             i, lp = inputs
-            x, extra, out = body(i, lp, x, extra)
+            x, extra, out = body(i, with_experts(lp), x, extra)
             return (x, extra), out
 
-        (x, extra), outs = jax.lax.scan(scan_body, (x, carry_extra), (jnp.arange(d.num_layers), layers))
+        (x, extra), outs = jax.lax.scan(scan_body, (x, carry_extra), (jnp.arange(d.num_layers), per_layer))
         return x, extra, outs
     outs = []
     extra = carry_extra
     for i in range(d.num_layers):
-        lp = jax.tree.map(lambda a, i=i: a[i], layers)
-        x, extra, out = body(jnp.int32(i), lp, x, extra)
+        lp = jax.tree.map(lambda a, i=i: a[i], per_layer)
+        x, extra, out = body(jnp.int32(i), with_experts(lp), x, extra)
         outs.append(out)
     return x, extra, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
@@ -249,7 +273,7 @@ def prefill(
             holder["k"], holder["v"] = k, v
             return attn_lib.self_attention(q, k, v, segment_ids=segment_ids, causal=True, impl=rt.attention_impl)
 
-        y, router_logits = _layer(lp, x, cos, sin, d, rt, attend)
+        y, router_logits = _layer(lp, x, cos, sin, d, rt, attend, i)
         if cache is not None:
             k = holder["k"].astype(cache_k.dtype)[None]
             v = holder["v"].astype(cache_v.dtype)[None]
@@ -312,7 +336,7 @@ def decode(
             holder["k"], holder["v"] = ck, cv
             return attn_lib.cached_attention(q, ck[i], cv[i], mask)
 
-        y, _ = _layer(lp, x, cos, sin, d, rt, attend)
+        y, _ = _layer(lp, x, cos, sin, d, rt, attend, i)
         if capture_layer is not None:
             captured = jnp.where(i + 1 == capture_layer, y, captured)
         return y, (holder["k"], holder["v"], captured), None

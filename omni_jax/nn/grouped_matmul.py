@@ -14,6 +14,17 @@ Implementations, chosen by `impl`:
     Few rows (decode) take a per-row path instead, which reads only the experts that are used.
   * "ragged_dot": `jax.lax.ragged_dot`, for comparison.
   * "auto": Pallas on GPU/TPU, "tiled" elsewhere.
+
+`grouped_swiglu` is the expert feed-forward built on the same entry point: three grouped matmuls on
+GPU/TPU; on CPU one fused loop over *group-aligned* row tiles that computes gate, up, SiLU and down
+for a tile while the group's three matrices are hot in cache. A tile starts at its group's first row,
+so a group of n rows costs ceil(n / tile) visits and reads each used matrix once per visit; empty
+groups cost nothing (the visit is skipped by `lax.cond`).
+
+Weights may carry a leading layers axis together with a `layer` index. Inside a scan over decoder
+layers, slicing a layer's expert stack out of the scanned inputs copies the whole (E, K, N) stack
+every layer on CPU (measured 4.5x slower at decode on the benchmark model); indexing
+`weights[layer, expert]` where the matrix is used copies only the matrices that are read.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-__all__ = ["grouped_matmul", "group_ids_of_rows"]
+__all__ = ["grouped_matmul", "grouped_swiglu", "group_ids_of_rows"]
 
 _PER_ROW_MAX_ROWS = 64
 
@@ -124,3 +135,97 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, impl:
     if lhs.shape[0] <= _PER_ROW_MAX_ROWS:
         return _per_row(lhs, rhs, group_sizes)
     return _tiled(lhs, rhs, group_sizes, _tile_rows(lhs.shape[0]))
+
+
+def _matrix(weights, layer, group, dtype):
+    """weights[layer, group] (or weights[group]) as a (K, N) matrix, copying only that matrix."""
+    if layer is None:
+        return jax.lax.dynamic_index_in_dim(weights, group, axis=0, keepdims=False).astype(dtype)
+    k, n = weights.shape[-2:]
+    return jax.lax.dynamic_slice(weights, (layer, group, 0, 0), (1, 1, k, n))[0, 0].astype(dtype)
+
+
+def _swiglu_visits(x, gate_w, up_w, down_w, group_sizes, layer, tile_rows: int):
+    rows, _ = x.shape
+    num_groups = gate_w.shape[-3]
+    hidden_out = down_w.shape[-1]
+    dtype = x.dtype
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    visits_per_group = -(-sizes // tile_rows)
+    visit_ends = jnp.cumsum(visits_per_group)
+    total_visits = visit_ends[-1]
+    # sum_g ceil(n_g / t) <= rows / t + (number of non-empty groups): a static bound on visits.
+    num_visits = -(-rows // tile_rows) + min(num_groups, rows)
+    visit = jnp.arange(num_visits, dtype=jnp.int32)
+    visit_group = jnp.minimum(jnp.searchsorted(visit_ends, visit, side="right"), num_groups - 1).astype(jnp.int32)
+    visit_row0 = starts[visit_group] + (visit - (visit_ends - visits_per_group)[visit_group]) * tile_rows
+    visit_live = visit < total_visits
+
+    x_padded = jnp.pad(x, ((0, tile_rows), (0, 0)))  # a tile starting at any row stays in bounds
+
+    def body(out, inputs):
+        group, row0, live = inputs
+
+        def compute(out):
+            x_tile = jax.lax.dynamic_slice_in_dim(x_padded, row0, tile_rows, axis=0)
+            gate = jnp.dot(x_tile, _matrix(gate_w, layer, group, dtype), preferred_element_type=jnp.float32).astype(dtype)
+            up = jnp.dot(x_tile, _matrix(up_w, layer, group, dtype), preferred_element_type=jnp.float32).astype(dtype)
+            act = jax.nn.silu(gate) * up
+            y = jnp.dot(act, _matrix(down_w, layer, group, dtype), preferred_element_type=jnp.float32).astype(dtype)
+            keep = (row0 + jnp.arange(tile_rows)) < ends[group]
+            current = jax.lax.dynamic_slice_in_dim(out, row0, tile_rows, axis=0)
+            return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep[:, None], y, current), row0, axis=0)
+
+        return jax.lax.cond(live, compute, lambda o: o, out), None
+
+    out0 = jnp.zeros((rows + tile_rows, hidden_out), dtype)
+    out, _ = jax.lax.scan(body, out0, (visit_group, visit_row0, visit_live))
+    return out[:rows]
+
+
+def _swiglu_tile_rows(rows: int, max_group_size: int | None) -> int:
+    tile = 256 if rows >= 4096 else 128 if rows >= 512 else 64 if rows >= 128 else 32
+    if max_group_size is not None:
+        tile = min(tile, max_group_size)
+    return max(1, min(tile, rows))
+
+
+def grouped_swiglu(
+    x: jax.Array,
+    gate_w: jax.Array,
+    up_w: jax.Array,
+    down_w: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    impl: str = "auto",
+    layer: jax.Array | int | None = None,
+    max_group_size: int | None = None,
+) -> jax.Array:
+    """SwiGLU experts on rows sorted by group: down(silu(x @ gate) * (x @ up)) per group.
+
+    x (R, D) sorted by group; gate_w, up_w ([L,] G, D, F); down_w ([L,] G, F, D'); group_sizes (G,).
+    With `layer`, the weights carry a leading layers axis and `layer` selects one (see the module
+    docstring for why). `max_group_size` is a static bound on any group's size (the token count for
+    top-k routing, where a token picks an expert at most once); it caps the CPU tile. Rows past
+    `sum(group_sizes)` come out as zeros. Returns (R, D') in x's dtype.
+    """
+    stacked = layer is not None
+    if gate_w.ndim != 3 + stacked or up_w.shape != gate_w.shape or down_w.ndim != gate_w.ndim:
+        raise ValueError(
+            f"grouped_swiglu expects gate/up ({'L, ' if stacked else ''}G, D, F) and down of the same rank; got "
+            f"{gate_w.shape}, {up_w.shape}, {down_w.shape} (layer={'given' if stacked else 'None'})"
+        )
+    dtype = x.dtype
+    impl = _resolve(impl)
+    if impl != "tiled":
+        if stacked:
+            gate_w, up_w, down_w = (jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
+                                    for w in (gate_w, up_w, down_w))
+        gate_w, up_w, down_w = (w.astype(dtype) for w in (gate_w, up_w, down_w))
+        gate = grouped_matmul(x, gate_w, group_sizes, impl=impl)
+        up = grouped_matmul(x, up_w, group_sizes, impl=impl)
+        return grouped_matmul(jax.nn.silu(gate) * up, down_w, group_sizes, impl=impl)
+    return _swiglu_visits(x, gate_w, up_w, down_w, group_sizes, layer,
+                          _swiglu_tile_rows(x.shape[0], max_group_size))

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from omni_jax.nn.grouped_matmul import grouped_matmul
+from omni_jax.nn.grouped_matmul import grouped_swiglu
 from omni_jax.nn.params import ParamSpec
 
 __all__ = ["moe_specs", "shared_expert_specs", "route", "moe_forward", "Routing"]
@@ -62,28 +62,28 @@ def route(x_td: jax.Array, router_kernel_de: jax.Array, top_k: int, norm_topk_pr
     return Routing(logits, weights.astype(logits.dtype), experts.astype(jnp.int32))
 
 
-def _experts_grouped(x_td, experts, routing: Routing, impl: str):
+def _experts_grouped(x_td, experts, routing: Routing, impl: str, layer):
     num_tokens, hidden = x_td.shape
     top_k = routing.experts.shape[-1]
-    num_experts = experts["gate_proj"].shape[0]
+    num_experts = experts["gate_proj"].shape[-3]
     dtype = x_td.dtype
 
     flat_expert = routing.experts.reshape(-1)  # (T*k,)
     order = jnp.argsort(flat_expert, stable=True)
     x_sorted = jnp.take(x_td, order // top_k, axis=0)  # (T*k, D)
     group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
-
-    gate = grouped_matmul(x_sorted, experts["gate_proj"].astype(dtype), group_sizes, impl=impl)
-    up = grouped_matmul(x_sorted, experts["up_proj"].astype(dtype), group_sizes, impl=impl)
-    act = jax.nn.silu(gate) * up
-    y_sorted = grouped_matmul(act, experts["down_proj"].astype(dtype), group_sizes, impl=impl)  # (T*k, D)
-
+    y_sorted = grouped_swiglu(
+        x_sorted, experts["gate_proj"], experts["up_proj"], experts["down_proj"], group_sizes,
+        impl=impl, layer=layer, max_group_size=num_tokens,
+    )  # (T*k, D)
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(num_tokens, top_k, hidden)
     weighted = y * routing.weights[..., None].astype(dtype)
     return jnp.sum(weighted.astype(jnp.float32), axis=1).astype(dtype)
 
 
-def _experts_dense(x_td, experts, routing: Routing):
+def _experts_dense(x_td, experts, routing: Routing, layer):
+    if layer is not None:
+        experts = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False), experts)
     num_experts = experts["gate_proj"].shape[0]
     dtype = x_td.dtype
     gate = jnp.einsum("td,edf->etf", x_td, experts["gate_proj"].astype(dtype))
@@ -109,18 +109,21 @@ def moe_forward(
     norm_topk_prob: bool,
     impl: str = "grouped",
     grouped_matmul_impl: str = "auto",
+    layer: jax.Array | int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """MoE block on x (B, T, D). Returns (output (B, T, D), router logits (B*T, E)).
 
     `params` holds `gate`, `experts` and, for the talker, `shared_expert` and `shared_expert_gate`.
+    With `layer`, `params["experts"]` are the whole stacked (L, E, in, out) tensors and `layer`
+    selects one; the decoder passes them so to avoid copying a layer's expert stack per layer.
     """
     b, t, d = x_btd.shape
     x_td = x_btd.reshape(b * t, d)
     routing = route(x_td, params["gate"]["kernel"], top_k, norm_topk_prob)
     if impl == "dense":
-        y = _experts_dense(x_td, params["experts"], routing)
+        y = _experts_dense(x_td, params["experts"], routing, layer)
     elif impl == "grouped":
-        y = _experts_grouped(x_td, params["experts"], routing, grouped_matmul_impl)
+        y = _experts_grouped(x_td, params["experts"], routing, grouped_matmul_impl, layer)
     else:
         raise ValueError(f"moe impl {impl!r}; expected 'grouped' or 'dense'")
     if "shared_expert" in params:

@@ -61,3 +61,60 @@ def test_gradients_of_tiled_path_match_ragged_dot():
 def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="expects lhs"):
         grouped_matmul(jnp.zeros((4, 3)), jnp.zeros((2, 5, 6)), jnp.asarray([2, 2]))
+
+
+def _swiglu_reference(x, gate, up, down, sizes):
+    x, gate, up, down = (np.asarray(a, np.float64) for a in (x, gate, up, down))
+    out = np.zeros((x.shape[0], down.shape[2]))
+    start = 0
+    for g, size in enumerate(sizes):
+        rows = x[start:start + size]
+        h = rows @ gate[g]
+        act = h / (1 + np.exp(-h)) * (rows @ up[g])
+        out[start:start + size] = act @ down[g]
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("sizes,max_group_size", [
+    ([3, 0, 5, 0], None),  # empty groups; 8 rows in one tile
+    ([0, 4, 0, 4, 4, 4], 4),  # decode-like: tile = max group size, one visit per used group
+    ([40, 0, 90, 7, 0, 3], None),  # groups spanning several tiles
+    ([10, 0, 20, 0], None),  # with 6 padding rows past the sum (rows = 36)
+])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_grouped_swiglu_matches_per_group_swiglu(sizes, max_group_size, stacked):
+    from omni_jax.nn.grouped_matmul import grouped_swiglu
+
+    rng = np.random.default_rng(len(sizes) + sum(sizes))
+    groups, rows = len(sizes), sum(sizes) + (6 if sizes == [10, 0, 20, 0] else 0)
+    x = rng.standard_normal((rows, 16)).astype(np.float32)
+    layers = 3
+    w = [rng.standard_normal((layers, groups) + shape).astype(np.float32) * 0.3
+         for shape in ((16, 12), (16, 12), (12, 16))]
+    sizes_j = jnp.asarray(sizes, jnp.int32)
+    expected = _swiglu_reference(x, w[0][1], w[1][1], w[2][1], sizes)
+    for impl in ("tiled", "ragged_dot"):
+        if stacked:
+            out = grouped_swiglu(x, *w, sizes_j, impl=impl, layer=jnp.int32(1), max_group_size=max_group_size)
+        else:
+            out = grouped_swiglu(x, *(a[1] for a in w), sizes_j, impl=impl, max_group_size=max_group_size)
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5, err_msg=impl)
+
+
+def test_grouped_swiglu_gradients_match_ragged_dot_composition():
+    from omni_jax.nn.grouped_matmul import grouped_swiglu
+
+    rng = np.random.default_rng(3)
+    sizes = jnp.asarray([70, 0, 30, 44], jnp.int32)
+    x = jnp.asarray(rng.standard_normal((144, 8)), jnp.float32)
+    w = [jnp.asarray(rng.standard_normal((2, 4) + shape) * 0.3, jnp.float32) for shape in ((8, 6), (8, 6), (6, 8))]
+
+    def loss(impl):
+        return lambda x, g, u, d: jnp.sum(jnp.sin(grouped_swiglu(x, g, u, d, sizes, impl=impl, layer=1)))
+
+    tiled = jax.grad(loss("tiled"), argnums=(0, 1, 2, 3))(x, *w)
+    ragged = jax.grad(loss("ragged_dot"), argnums=(0, 1, 2, 3))(x, *w)
+    for a, b in zip(tiled, ragged):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    assert float(jnp.abs(tiled[1][0]).max()) == 0.0  # layer 0 is not used: no gradient reaches it

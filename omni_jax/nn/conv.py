@@ -1,0 +1,161 @@
+"""Causal 1-D convolutions and the vocoder's building blocks (Code2Wav, `nn/conv.py`).
+
+Activations are channels-last, `x_btc` (batch, time, channels); weights stay in PyTorch layout
+(`Conv1d`: (out, in/groups, k); `ConvTranspose1d`: (in, out, k)) so that checkpoints load without a
+transform. Each function mirrors one reference module of `modeling_qwen3_omni_moe`:
+
+  causal_conv1d            Qwen3OmniMoeCausalConvNet     left pad (k-1)*d + 1 - stride, right pad to ceil(T/stride)
+  causal_conv_transpose1d  Qwen3OmniMoeCausalTransConvNet ConvTranspose1d, then drop k - stride samples on *both* sides
+  snake_beta               Qwen3OmniMoeSnakeBeta          x + sin^2(x e^alpha) / (e^beta + 1e-9)
+  convnext_block           Qwen3OmniMoeConvNeXtBlock      causal depthwise k7 -> LayerNorm -> MLP (GELU) -> gamma, residual
+  residual_unit            Qwen3OmniMoeCode2WavDecoderResidualUnit
+
+Every op is causal in the sense that matters for streaming: decoding a prefix of the input gives a
+prefix of the output. The trimmed transposed convolution looks one input step ahead (output block j
+needs inputs j and j+1), which is why it yields (T-1)*stride samples for T inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from omni_jax.nn.norms import layer_norm
+from omni_jax.nn.params import ParamSpec
+
+__all__ = [
+    "causal_conv1d", "causal_conv_transpose1d", "snake_beta", "convnext_block", "residual_unit",
+    "conv_specs", "conv_transpose_specs", "snake_specs", "convnext_specs", "residual_unit_specs",
+    "causal_conv_padding", "conv_transpose_trim",
+]
+
+_CONV_AXES = ("conv_out", "conv_in", "conv_kernel")
+
+
+# ------------------------------------------------------------------------------------------- specs
+def conv_specs(c_in: int, c_out: int, kernel: int, groups: int = 1, std: float = 0.02) -> dict:
+    """`{"weight": (out, in/groups, k), "bias": (out,)}` of an `nn.Conv1d`."""
+    return {
+        "weight": ParamSpec((c_out, c_in // groups, kernel), _CONV_AXES, std=std),
+        "bias": ParamSpec((c_out,), ("conv_out",), init="zeros"),
+    }
+
+
+def conv_transpose_specs(c_in: int, c_out: int, kernel: int, std: float = 0.02) -> dict:
+    """`{"weight": (in, out, k), "bias": (out,)}` of an `nn.ConvTranspose1d`."""
+    return {
+        "weight": ParamSpec((c_in, c_out, kernel), ("conv_in", "conv_out", "conv_kernel"), std=std),
+        "bias": ParamSpec((c_out,), ("conv_out",), init="zeros"),
+    }
+
+
+def snake_specs(channels: int) -> dict:
+    """SnakeBeta's log-space `alpha` and `beta` (initialised to 0, i.e. a = b = 1)."""
+    return {
+        "alpha": ParamSpec((channels,), ("conv_out",), init="zeros"),
+        "beta": ParamSpec((channels,), ("conv_out",), init="zeros"),
+    }
+
+
+def convnext_specs(dim: int, std: float = 0.02) -> dict:
+    return {
+        "dwconv": {"conv": conv_specs(dim, dim, 7, groups=dim, std=std)},
+        "norm": {"weight": ParamSpec((dim,), ("embed",), init="ones"),
+                 "bias": ParamSpec((dim,), ("embed",), init="zeros")},
+        "pwconv1": {"kernel": ParamSpec((dim, 4 * dim), ("embed", "mlp"), std=std),
+                    "bias": ParamSpec((4 * dim,), ("mlp",), init="zeros")},
+        "pwconv2": {"kernel": ParamSpec((4 * dim, dim), ("mlp", "embed"), std=std),
+                    "bias": ParamSpec((dim,), ("embed",), init="zeros")},
+        "gamma": ParamSpec((dim,), ("embed",), init="constant", value=1e-6),
+    }
+
+
+def residual_unit_specs(dim: int, std: float = 0.02) -> dict:
+    return {
+        "act1": snake_specs(dim),
+        "conv1": {"conv": conv_specs(dim, dim, 7, std=std)},
+        "act2": snake_specs(dim),
+        "conv2": {"conv": conv_specs(dim, dim, 1, std=std)},
+    }
+
+
+# ------------------------------------------------------------------------------------------ forward
+def causal_conv_padding(length: int, kernel: int, dilation: int = 1, stride: int = 1) -> tuple[int, int]:
+    """(left, right) zero padding of `Qwen3OmniMoeCausalConvNet` for an input of `length` samples."""
+    k_eff = (kernel - 1) * dilation + 1
+    left = k_eff - stride
+    n_frames = (length - k_eff + left) / stride + 1
+    ideal = (math.ceil(n_frames) - 1) * stride + (k_eff - left)
+    return left, ideal - length
+
+
+def causal_conv1d(
+    x_btc: jax.Array, p: dict, *, dilation: int = 1, stride: int = 1, groups: int = 1
+) -> jax.Array:
+    """Causal `Conv1d` of x (B, T, C_in) with PyTorch weight (C_out, C_in/groups, k) -> (B, ceil(T/stride), C_out)."""
+    weight = p["weight"].astype(x_btc.dtype)
+    left, right = causal_conv_padding(x_btc.shape[1], weight.shape[-1], dilation, stride)
+    y = jax.lax.conv_general_dilated(
+        x_btc, weight, window_strides=(stride,), padding=[(left, right)], rhs_dilation=(dilation,),
+        dimension_numbers=("NWC", "OIW", "NWC"), feature_group_count=groups,
+    )
+    return y + p["bias"].astype(y.dtype)
+
+
+def conv_transpose_trim(kernel: int, stride: int) -> int:
+    """Samples `Qwen3OmniMoeCausalTransConvNet` drops on each side: k - stride."""
+    return math.ceil(kernel - stride)
+
+
+def causal_conv_transpose1d(x_btc: jax.Array, p: dict, *, stride: int) -> jax.Array:
+    """Trimmed `ConvTranspose1d` of x (B, T, C_in), weight (C_in, C_out, k) -> (B, (T-1)*s + k - 2(k-s), C_out).
+
+    Computed as one matmul per kernel block of `stride` taps plus an overlap-add, rather than a
+    convolution over a zero-stuffed input (which would multiply `stride`x more zeros than data).
+    """
+    weight = p["weight"].astype(x_btc.dtype)
+    c_in, c_out, kernel = weight.shape
+    b, t, _ = x_btc.shape
+    blocks = -(-kernel // stride)
+    weight = jnp.pad(weight, ((0, 0), (0, 0), (0, blocks * stride - kernel)))
+    w_cjso = weight.reshape(c_in, c_out, blocks, stride).transpose(0, 2, 3, 1)
+    z_btjso = jnp.einsum("btc,cjso->btjso", x_btc, w_cjso)
+    # Untrimmed output position (i + j) * stride + u receives input i through kernel tap j * stride + u.
+    out = sum(
+        jnp.pad(z_btjso[:, :, j], ((0, 0), (j, blocks - 1 - j), (0, 0), (0, 0))) for j in range(blocks)
+    )
+    out = out.reshape(b, (t + blocks - 1) * stride, c_out)
+    full_len = (t - 1) * stride + kernel
+    trim = conv_transpose_trim(kernel, stride)
+    out = out[:, trim : full_len - trim]
+    return out + p["bias"].astype(out.dtype)
+
+
+def snake_beta(x_btc: jax.Array, p: dict) -> jax.Array:
+    """SnakeBeta over the channel (last) axis, in x's dtype as the reference computes it."""
+    alpha = jnp.exp(p["alpha"].astype(x_btc.dtype))
+    beta = jnp.exp(p["beta"].astype(x_btc.dtype))
+    return x_btc + (1.0 / (beta + 1e-9)) * jnp.square(jnp.sin(x_btc * alpha))
+
+
+def convnext_block(x_btc: jax.Array, p: dict) -> jax.Array:
+    """ConvNeXt block (B, T, D) -> (B, T, D): causal depthwise k7, LayerNorm(1e-6), D->4D GELU 4D->D, gamma, residual."""
+    dtype = x_btc.dtype
+    dim = x_btc.shape[-1]
+    h = causal_conv1d(x_btc, p["dwconv"]["conv"], groups=dim)
+    h = layer_norm(h, p["norm"]["weight"], p["norm"]["bias"], 1e-6)
+    h = jnp.dot(h, p["pwconv1"]["kernel"].astype(dtype)) + p["pwconv1"]["bias"].astype(dtype)
+    h = jax.nn.gelu(h, approximate=False)  # nn.GELU() is the exact erf form
+    h = jnp.dot(h, p["pwconv2"]["kernel"].astype(dtype)) + p["pwconv2"]["bias"].astype(dtype)
+    return x_btc + p["gamma"].astype(dtype) * h
+
+
+def residual_unit(x_btc: jax.Array, p: dict, *, dilation: int) -> jax.Array:
+    """x + conv_k1(Snake(conv_k7_dilated(Snake(x)))), shape preserved."""
+    h = snake_beta(x_btc, p["act1"])
+    h = causal_conv1d(h, p["conv1"]["conv"], dilation=dilation)
+    h = snake_beta(h, p["act2"])
+    h = causal_conv1d(h, p["conv2"]["conv"])
+    return h + x_btc
