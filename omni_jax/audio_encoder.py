@@ -182,12 +182,17 @@ def audio_output_lengths(feature_lens, n_window: int = 50) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def sinusoid_positions(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
-    """(length, channels) float32 `SinusoidsPositionEmbedding` table: [sin | cos] halves, fp32 like torch."""
+    """(length, channels) float32 `SinusoidsPositionEmbedding` table: [sin | cos] halves.
+
+    Rounded like torch's fp32 computation (fp32 products; exp, sin, cos correctly rounded from
+    float64): agrees with the reference buffer to ~1 ulp.
+    """
     if channels % 2:
         raise ValueError("sinusoidal positions need an even channel count")
     increment = np.log(max_timescale) / (channels // 2 - 1)
-    inv_timescales = np.exp(np.float32(-increment) * np.arange(channels // 2, dtype=np.float32))
-    scaled = np.arange(length, dtype=np.float32)[:, None] * inv_timescales[None, :]
+    exponent = np.float32(-increment) * np.arange(channels // 2, dtype=np.float32)
+    inv_timescales = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    scaled = (np.arange(length, dtype=np.float32)[:, None] * inv_timescales[None, :]).astype(np.float64)
     return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
 
 
@@ -405,35 +410,53 @@ def _encoder_layer(lp, x_gwd, segment_ids_gw, cfg: AudioEncoderConfig, rt: Runti
 
 
 def encode_padded(params, chunks_cmf, pad_len, row_src, segment_ids_gw, out_src, cfg: AudioEncoderConfig,
-                  rt: Runtime, *, conv_batch: int = 128) -> jax.Array:
+                  rt: Runtime, *, conv_batch: int = 128, return_all_hidden: bool = False):
     """The jittable core: `AudioPlan.device_inputs()` -> (G_pad * W, output_dim) audio embeddings.
 
     The first `plan.num_tokens` rows are the reference's output, audio by audio; the rest is padding
     (finite values, to be ignored). Shapes: see `AudioPlan`.
+    return_all_hidden: also return (encoder_layers + 1, G_pad * W, d_model) hidden states in the same
+      token order: the encoder input (post-CNN + positions), then every layer's output (the
+      reference's `output_hidden_states`).
     """
     dtype = jnp.dtype(rt.dtype)
     tokens = _conv_tokens(params, chunks_cmf, pad_len, cfg, dtype, conv_batch)
     g, w = segment_ids_gw.shape
     x = jnp.take(tokens.reshape(-1, cfg.d_model), row_src, axis=0).reshape(g, w, cfg.d_model)
 
+    def to_output_order(x_gwd):
+        return jnp.take(x_gwd.reshape(-1, cfg.d_model), out_src, axis=0)
+
     layer = functools.partial(_encoder_layer, segment_ids_gw=segment_ids_gw, cfg=cfg, rt=rt)
     if rt.remat == "full":
         layer = jax.checkpoint(layer)
     elif rt.remat == "dots":
         layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
+
+    def body(h, lp):
+        h = layer(lp, h)
+        return h, (to_output_order(h) if return_all_hidden else None)
+
+    x0 = x
     if rt.scan_layers:
-        x, _ = jax.lax.scan(lambda h, lp: (layer(lp, h), None), x, params["layers"])
+        x, per_layer = jax.lax.scan(body, x, params["layers"])
     else:
+        outs = []
         for i in range(cfg.encoder_layers):
-            x = layer(jax.tree.map(lambda a, i=i: a[i], params["layers"]), x)
+            x, out = body(x, jax.tree.map(lambda a, i=i: a[i], params["layers"]))
+            outs.append(out)
+        per_layer = jnp.stack(outs) if return_all_hidden else None
 
-    x = jnp.take(x.reshape(-1, cfg.d_model), out_src, axis=0)
-    x = layer_norm(x, params["ln_post"]["weight"], params["ln_post"]["bias"], _LN_EPS)
-    x = _gelu(_dense(x, params["proj1"], dtype))
-    return _dense(x, params["proj2"], dtype)
+    x = to_output_order(x)
+    y = layer_norm(x, params["ln_post"]["weight"], params["ln_post"]["bias"], _LN_EPS)
+    y = _gelu(_dense(y, params["proj1"], dtype))
+    y = _dense(y, params["proj2"], dtype)
+    if return_all_hidden:
+        return y, jnp.concatenate([to_output_order(x0)[None], per_layer], axis=0)
+    return y
 
 
-_encode_padded_jit = jax.jit(encode_padded, static_argnames=("cfg", "rt", "conv_batch"))
+_encode_padded_jit = jax.jit(encode_padded, static_argnames=("cfg", "rt", "conv_batch", "return_all_hidden"))
 
 
 def encode(params, input_features_mt, feature_lens, cfg: AudioEncoderConfig, rt: Runtime):

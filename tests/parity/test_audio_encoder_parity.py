@@ -1,0 +1,274 @@
+"""AuT audio encoder vs the PyTorch reference audio tower (fp32, tiny random configs).
+
+Pitfalls covered: P4 (token-count formula), P5 (100-frame chunks padded to the batch's longest chunk,
+per-chunk positions, windows of 13 * (n_window_infer // 100) tokens, layer by layer, clips of 3, 8,
+9, 31 and 120 s), P6 (exact GELU), P7 (every bias present: the converter is strict), P13 (batched
+equals single; duplicate rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from omni_jax import audio_encoder as ae
+from omni_jax.config import preset
+from tests.conftest import FP32
+
+# Max |difference| <= 1e-5 x max |reference output| (reached: ~5e-7).
+TOLERANCE = 1e-5
+SECONDS = (3, 8, 9, 31, 120)  # 8 s = exactly one 104-token window, 9 s = a window and a 13-token one
+ODD_FRAMES = (307, 855)  # tail chunks of 7 and 55 frames
+
+
+def _audio_config(n_window_infer: int = 800):
+    base = preset("tiny").thinker_config.audio_config
+    return dataclasses.replace(base, n_window_infer=n_window_infer)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_and_params(n_window_infer: int = 800):
+    """(audio config, reference audio tower with re-drawn weights, our fp32 params); the weights do
+    not depend on n_window_infer, so every variant holds the same parameters."""
+    from convert.hf_to_jax import convert_tensors
+    from convert.reference import hf_config, randomize_
+    from omni_jax.nn.params import unflatten
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling
+
+    cfg = _audio_config(n_window_infer)
+    omni = preset("tiny")
+    omni = omni.replace(thinker_config=dataclasses.replace(omni.thinker_config, audio_config=cfg))
+    hf_audio = hf_config(omni).thinker_config.audio_config
+    hf_audio._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = modeling.Qwen3OmniMoeAudioEncoder(hf_audio).eval().float()
+    randomize_(ref, seed=0)
+    _sharpen_(ref)
+    tensors = [
+        (f"thinker.audio_tower.{k}", (lambda t=t: t.detach().numpy().astype(np.float32)), tuple(t.shape))
+        for k, t in ref.state_dict().items()
+    ]
+    flat = convert_tensors(tensors, {"thinker": {"audio_tower": ae.audio_encoder_specs(cfg)}}, dtype="float32")
+    return cfg, ref, unflatten(flat)["thinker"]["audio_tower"]
+
+
+def _sharpen_(ref) -> None:
+    """Scales attention and conv weights up from `randomize_`'s std 0.05 so that attention is far from
+    uniform and the CNN's padding matters: otherwise a wrong window changes the output by < 1e-4 of
+    its scale and would hide below a loose bar. (Windows of 52 vs 104 tokens now differ by ~0.6.)"""
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(10.0)
+            elif name.endswith(("v_proj.weight", "out_proj.weight")) or (name.startswith("conv2d") and "weight" in name):
+                p.mul_(4.0)
+
+
+def _features(frames: list[int], seed: int = 0) -> np.ndarray:
+    """Log-mel-like features: a tone/chirp pattern plus noise, (128, sum(frames))."""
+    rng = np.random.default_rng(seed)
+    total = int(sum(frames))
+    t = np.arange(total)[None, :] / 100.0
+    mel = np.arange(128)[:, None]
+    tone = np.sin(2 * np.pi * (0.3 + 0.05 * mel) * t) * np.exp(-((mel - 40 - 20 * np.sin(t)) ** 2) / 200)
+    return (tone + 0.5 * rng.standard_normal((128, total)) - 0.5).astype(np.float32)
+
+
+def _reference(ref, feats, frames, hidden=False):
+    with torch.no_grad():
+        out = ref(torch.tensor(feats), feature_lens=torch.tensor(frames), output_hidden_states=hidden)
+    if hidden:
+        return out.last_hidden_state.numpy(), [h.numpy() for h in out.hidden_states]
+    return out.last_hidden_state.numpy()
+
+
+def _ours(params, feats, frames, cfg, hidden=False):
+    if not hidden:
+        out, counts = ae.encode(params, feats, frames, cfg, FP32)
+        return np.asarray(out), counts
+    plan = ae.plan_audio(feats, frames, cfg)
+    out, all_hidden = ae._encode_padded_jit(params, *plan.device_inputs(), cfg=cfg, rt=FP32, return_all_hidden=True)
+    n = plan.num_tokens
+    return np.asarray(out)[:n], np.asarray(all_hidden)[:, :n], plan.token_counts
+
+
+def _assert_close(got, expected, what=""):
+    assert got.shape == expected.shape, f"{what}: shape {got.shape} vs {expected.shape}"
+    err = np.abs(got - expected).max() / np.abs(expected).max()
+    assert err <= TOLERANCE, f"{what}: relative error {err:.2e}"
+
+
+def test_output_lengths_match_reference_formula():
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
+
+    lens = np.concatenate([np.arange(1, 3001), [6_000, 12_000, 29_999, 240_000, 240_017]])
+    expected = _get_feat_extract_output_lengths(torch.tensor(lens), 50).numpy()
+    np.testing.assert_array_equal(ae.audio_output_lengths(lens), expected)
+    # The documented closed form and examples (reference doc §3).
+    np.testing.assert_array_equal(ae.audio_output_lengths(lens), 13 * (lens // 100) + -(-(lens % 100) // 8))
+    examples = {1: 1, 8: 1, 9: 2, 30: 4, 99: 13, 100: 13, 101: 14, 300: 39, 1000: 130, 3000: 390}
+    assert ae.audio_output_lengths(list(examples)).tolist() == list(examples.values())
+
+
+def test_specs_cover_the_reference_state_dict_exactly():
+    from convert.layout import hub_layout
+
+    cfg, ref, params = _reference_and_params()
+    layout = hub_layout({"thinker": {"audio_tower": ae.audio_encoder_specs(cfg)}})
+    state = {f"thinker.audio_tower.{k}": tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert {k: tuple(s.source_shape) for k, s in layout.items()} == state
+    # The sinusoidal table is a non-persistent buffer: computed, equal to the reference's.
+    assert not any("positional_embedding" in k for k in state)
+    np.testing.assert_allclose(
+        ae.sinusoid_positions(cfg.max_source_positions, cfg.d_model),
+        ref.positional_embedding.positional_embedding.numpy(), rtol=0, atol=3e-7,
+    )
+    # Conv weights stay in PyTorch layout; Linear weights are transposed kernels.
+    np.testing.assert_array_equal(params["conv2d2"]["weight"], ref.conv2d2.weight.detach().numpy())
+    np.testing.assert_array_equal(params["layers"]["fc1"]["kernel"][1], ref.layers[1].fc1.weight.detach().numpy().T)
+
+
+@functools.lru_cache(maxsize=None)
+def _batched_default():
+    """3, 8, 9, 31, 120 s and two odd lengths in one batch: ours (output, hidden states) and counts."""
+    cfg, _, params = _reference_and_params()
+    frames = [100 * s for s in SECONDS] + list(ODD_FRAMES)
+    feats = _features(frames)
+    got, got_hidden, counts = _ours(params, feats, frames, cfg, hidden=True)
+    return frames, feats, got, got_hidden, counts
+
+
+def test_batch_of_clips_matches_reference_layer_by_layer():
+    cfg, ref, _ = _reference_and_params()
+    frames, feats, got, got_hidden, counts = _batched_default()
+    expected, expected_hidden = _reference(ref, feats, frames, hidden=True)
+    assert counts.tolist() == ae.audio_output_lengths(frames).tolist()
+    assert len(expected_hidden) == cfg.encoder_layers + 1
+    for i, h in enumerate(expected_hidden):
+        _assert_close(got_hidden[i], h, f"hidden state {i}")
+    _assert_close(got, expected, "output")
+
+
+@pytest.mark.parametrize("index", range(len(SECONDS) + len(ODD_FRAMES)))
+def test_single_clip_matches_reference_and_the_batched_rows(index):
+    cfg, ref, params = _reference_and_params()
+    frames, feats, batched, _, counts = _batched_default()
+    start = int(np.sum(frames[:index]))
+    one = np.ascontiguousarray(feats[:, start:start + frames[index]])
+    expected = _reference(ref, one, [frames[index]])
+    got, _ = _ours(params, one, [frames[index]], cfg)
+    _assert_close(got, expected, f"{frames[index]} frames alone")
+    offset = int(counts[:index].sum())
+    _assert_close(batched[offset:offset + counts[index]], got, "batched row vs single")
+
+
+def test_duplicate_rows_and_processor_layout():
+    """The processor's (B, mel, frames) + feature_attention_mask layout, with a duplicated audio."""
+    cfg, ref, params = _reference_and_params()
+    frames = [3100, 855, 3100]
+    packed = _features(frames, seed=1)
+    packed[:, 3955:] = packed[:, :3100]  # the third audio repeats the first
+    batch = np.zeros((3, 128, 3100), np.float32)
+    mask = np.zeros((3, 3100), np.int64)
+    start = 0
+    for row, n in enumerate(frames):
+        batch[row, :, :n], mask[row, :n] = packed[:, start:start + n], 1
+        start += n
+    batch[1, :, 855:] = 7.0  # padding content must not matter
+    repacked, lens = ae.pack_batched_features(batch, mask)
+    expected_packed = torch.tensor(batch).permute(0, 2, 1)[torch.tensor(mask).bool()].permute(1, 0).numpy()
+    np.testing.assert_array_equal(repacked, expected_packed)
+    assert lens.tolist() == frames
+
+    out, counts = ae.encode_batched(params, batch, mask, cfg, FP32)
+    out = np.asarray(out)
+    _assert_close(out, _reference(ref, packed, frames), "processor layout")
+    first, last = out[: counts[0]], out[counts[0] + counts[1]:]
+    np.testing.assert_allclose(last, first, rtol=0, atol=TOLERANCE * np.abs(first).max())
+
+
+@pytest.mark.parametrize("n_window_infer", [400, 250])
+def test_other_inference_windows_follow_the_reference_rule(n_window_infer):
+    """n_window_infer=400: 52-token windows; 250: 26-token windows (250 // 100 = 2)."""
+    cfg, ref, params = _reference_and_params(n_window_infer)
+    frames = [3100, 900, 307]
+    feats = _features(frames, seed=2)
+    expected = _reference(ref, feats, frames)
+    got, _ = _ours(params, feats, frames, cfg)
+    _assert_close(got, expected, f"n_window_infer={n_window_infer}")
+    # The window matters: the default (104-token) windows give a clearly different result.
+    _, default_ref, _ = _reference_and_params(800)
+    default = _reference(default_ref, feats, frames)
+    assert np.abs(default - expected).max() > 100 * TOLERANCE * np.abs(expected).max()
+
+
+def test_batch_of_short_audios_only_pads_to_its_longest_chunk():
+    """Every audio under one chunk: the reference pads to the longest (60 frames here, not 100), and
+    a short audio's CNN output depends on that padding; we follow it without recompiling."""
+    cfg, ref, params = _reference_and_params()
+    frames = [60, 30, 9, 1]
+    feats = _features(frames, seed=3)
+    expected = _reference(ref, feats, frames)
+    got, counts = _ours(params, feats, frames, cfg)
+    assert counts.tolist() == [8, 4, 2, 1]
+    _assert_close(got, expected, "short-only batch")
+
+    alone = np.ascontiguousarray(feats[:, 60:90])
+    expected_alone = _reference(ref, alone, [30])
+    got_alone, _ = _ours(params, alone, [30], cfg)
+    _assert_close(got_alone, expected_alone, "30 frames alone")
+    # The rule matters: the same 30 frames padded to 60 in the batch give different tokens.
+    in_batch = expected[8:12]
+    assert np.abs(in_batch - expected_alone).max() > 100 * TOLERANCE * np.abs(expected_alone).max()
+
+    # With a full chunk in the batch every chunk is padded to 100 frames.
+    frames = [250, 60]
+    feats = _features(frames, seed=4)
+    _assert_close(_ours(params, feats, frames, cfg)[0], _reference(ref, feats, frames), "[250, 60]")
+
+
+def test_plan_is_linear_in_length_and_bucketed():
+    cfg = _audio_config()
+    # 40 minutes: attention runs over (rows, 104) with rows ~ tokens / 104, never (N, N).
+    plan = ae.plan_audio(np.zeros((128, 240_000), np.float32), [240_000], cfg)
+    width = 13 * (cfg.n_window_infer // 100)
+    assert plan.num_tokens == 31_200 and plan.segment_ids.shape[1] == width
+    rows = plan.segment_ids.shape[0]
+    assert 300 <= rows <= 1.25 * 300
+    assert plan.chunks_cmf.shape[0] <= 1.25 * 2400
+    # Short windows share rows: four 3 s clips (39 tokens each) fill two rows, not four.
+    plan = ae.plan_audio(np.zeros((128, 1200), np.float32), [300] * 4, cfg)
+    assert plan.segment_ids.shape[0] == 2 and sorted(set(plan.segment_ids[0].tolist())) == [0, 1, 2]
+    # Similar lengths share one compiled shape; sizes are exact up to 8, then 4 per octave.
+    shapes = {tuple(a.shape for a in ae.plan_audio(np.zeros((128, n), np.float32), [n], cfg).device_inputs())
+              for n in (2900, 3000, 3100)}
+    assert len(shapes) == 1
+    sizes = [ae.bucket_size(n) for n in range(1, 5000)]
+    assert all(s >= n for n, s in enumerate(sizes, 1)) and all(s <= max(8, 1.25 * n) for n, s in enumerate(sizes, 1))
+    assert len(set(sizes)) < 50
+
+
+def test_bad_inputs_are_refused_with_a_reason():
+    cfg = _audio_config()
+    with pytest.raises(ValueError, match="at least one mel frame"):
+        ae.plan_audio(np.zeros((128, 10), np.float32), [10, 0], cfg)
+    with pytest.raises(ValueError, match="sum to"):
+        ae.plan_audio(np.zeros((128, 10), np.float32), [11], cfg)
+    with pytest.raises(ValueError, match="num_mel_bins"):
+        ae.plan_audio(np.zeros((80, 10), np.float32), [10], cfg)
+    with pytest.raises(ValueError, match="n_window_infer"):
+        ae.audio_encoder_specs(dataclasses.replace(cfg, n_window_infer=99))
+
+
+def test_jit_cache_is_reused_for_similar_lengths():
+    cfg, _, params = _reference_and_params()
+    feats = _features([3050])
+    ae.encode(params, feats, [3050], cfg, FP32)
+    before = ae._encode_padded_jit._cache_size()
+    ae.encode(params, feats[:, :3010], [3010], cfg, FP32)
+    assert ae._encode_padded_jit._cache_size() == before
