@@ -38,7 +38,7 @@ import numpy as np
 
 from omni_jax import code_predictor as cp
 from omni_jax.config import OmniConfig, Runtime, TalkerConfig
-from omni_jax.generate import SamplingConfig, finish_token, mark_seen, sample_next
+from omni_jax.generate import SamplingConfig, mark_seen, sample_next
 from omni_jax.nn import decoder
 from omni_jax.nn.params import ParamSpec
 
@@ -65,6 +65,7 @@ __all__ = [
     "build_talker_inputs",
     "frame_step",
     "TalkerState",
+    "suppress_mask",
     "start",
     "advance",
     "TalkerCodes",
@@ -476,43 +477,52 @@ class TalkerState(NamedTuple):
     key: jax.Array
 
 
-def _suppress(logits_bv, suppress_tokens: tuple[int, ...]):
-    if not suppress_tokens:
-        return logits_bv
-    mask = np.zeros(logits_bv.shape[-1], bool)
-    mask[[i for i in suppress_tokens if 0 <= i < logits_bv.shape[-1]]] = True
-    return jnp.where(jnp.asarray(mask), -jnp.inf, logits_bv.astype(jnp.float32))
+def suppress_mask(vocab: int, suppress_tokens) -> np.ndarray:
+    """(vocab,) bool mask of the ids that may never be sampled (out-of-range ids are ignored, as the
+    reference's `isin` ignores them)."""
+    mask = np.zeros(vocab, bool)
+    ids = [int(i) for i in suppress_tokens if 0 <= int(i) < vocab]
+    mask[ids] = True
+    return mask
 
 
-@functools.partial(
-    jax.jit, static_argnames=("cfg", "rt", "max_new_tokens", "sampling", "suppress_tokens", "eos_token_id")
-)
+def _next_token(logits_bv, suppress_v, seen_bv, done_b, eos, key, sampling: SamplingConfig):
+    """Suppression (-inf), then the reference's processors; finished rows emit `eos` (its pad id)."""
+    logits = jnp.where(suppress_v, -jnp.inf, logits_bv.astype(jnp.float32))
+    token = sample_next(logits, seen_bv, key, sampling)
+    token = jnp.where(done_b, eos, token)
+    return token, done_b | (token == eos)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rt", "max_new_tokens", "sampling"))
 def start(
     params: dict,
     embeds_bsd: jax.Array,
     attention_mask_bs: jax.Array,
     position_ids_3bs: jax.Array,
     key: jax.Array,
+    suppress_v: jax.Array,
+    eos_token_id: jax.Array,
     *,
     cfg: TalkerConfig,
     rt: Runtime,
     max_new_tokens: int,
     sampling: SamplingConfig = DEFAULT_SAMPLING,
-    suppress_tokens: tuple[int, ...] = (),
-    eos_token_id: int | None = None,
 ) -> TalkerState:
     """Talker prefill and the first codebook-0 token; buffers for `max_new_tokens` talker tokens
-    (the reference's `talker_max_new_tokens`, EOS included: at most `max_new_tokens - 1` frames)."""
+    (the reference's `talker_max_new_tokens`, EOS included: at most `max_new_tokens - 1` frames).
+
+    suppress_v: (vocab,) bool ids never sampled (`suppress_mask`); eos_token_id: () int codec EOS.
+    """
     b, s, _ = embeds_bsd.shape
-    eos = cfg.codec_eos_token_id if eos_token_id is None else eos_token_id
+    eos = jnp.asarray(eos_token_id, jnp.int32)
     logits, hidden, cache = prefill(
         params, embeds_bsd, attention_mask_bs, position_ids_3bs, cfg, rt, s + max_new_tokens
     )
     vocab = logits.shape[-1]
     key, sub = jax.random.split(key)
     seen = jnp.zeros((b, vocab), bool)  # the reference's talker prompt has no ids: only generated ones count
-    token = sample_next(_suppress(logits, suppress_tokens), seen, sub, sampling)
-    token, done = finish_token(token, jnp.zeros((b,), bool), (eos,), eos)
+    token, done = _next_token(logits, suppress_v, seen, jnp.zeros((b,), bool), eos, sub, sampling)
     key_valid = jnp.concatenate(
         [jnp.asarray(attention_mask_bs, bool), jnp.zeros((b, max_new_tokens), bool)], axis=1
     )
@@ -531,29 +541,26 @@ def start(
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "rt", "sampling", "cp_sampling", "suppress_tokens", "eos_token_id"),
-    donate_argnums=(1,),
-)
+@functools.partial(jax.jit, static_argnames=("cfg", "rt", "sampling", "cp_sampling"), donate_argnums=(1,))
 def advance(
     params: dict,
     state: TalkerState,
     trailing_bld: jax.Array,
     tts_pad_d: jax.Array,
+    suppress_v: jax.Array,
+    eos_token_id: jax.Array,
     until_step: jax.Array,
     *,
     cfg: TalkerConfig,
     rt: Runtime,
     sampling: SamplingConfig = DEFAULT_SAMPLING,
     cp_sampling: SamplingConfig = cp.DEFAULT_SAMPLING,
-    suppress_tokens: tuple[int, ...] = (),
-    eos_token_id: int | None = None,
 ) -> TalkerState:
     """Runs frames until `state.step == until_step` (a traced scalar: one compilation serves every
     chunk of a stream), every row is done, or the buffers are full. Frame k's codes land in
-    `state.codes[:, k]` when step k runs."""
-    eos = cfg.codec_eos_token_id if eos_token_id is None else eos_token_id
+    `state.codes[:, k]` when step k runs. trailing_bld, tts_pad_d: from `TalkerInputs`;
+    suppress_v, eos_token_id: as given to `start`."""
+    eos = jnp.asarray(eos_token_id, jnp.int32)
     heads = cp.stack_heads(params["code_predictor"])
     max_frames = state.codes.shape[1]
     prompt_len = state.key_valid.shape[1] - state.tokens.shape[1]
@@ -575,8 +582,7 @@ def advance(
         cache_index = prompt_len + k
         key_valid = s.key_valid.at[:, cache_index].set(True)
         logits, hidden, cache = decode_step(params, embed, s.next_position, s.cache, cache_index, key_valid, cfg, rt)
-        token = sample_next(_suppress(logits, suppress_tokens), s.seen, k_tok, sampling)
-        token, done = finish_token(token, s.done, (eos,), eos)
+        token, done = _next_token(logits, suppress_v, s.seen, s.done, eos, k_tok, sampling)
         return TalkerState(
             step=k + 1,
             tokens=s.tokens.at[:, k + 1].set(token),
@@ -634,15 +640,17 @@ def generate_codes(
         raise ValueError(f"max_new_tokens must be >= 2 (one frame and its successor), got {max_new_tokens}")
     if cp_sampling is None:
         cp_sampling = cp.DEFAULT_SAMPLING if sampling.do_sample else SamplingConfig()
-    suppress = default_suppress_tokens(cfg) if suppress_tokens is None else tuple(int(i) for i in suppress_tokens)
+    suppress = suppress_mask(
+        cfg.text_config.vocab_size, default_suppress_tokens(cfg) if suppress_tokens is None else suppress_tokens
+    )
     eos = cfg.codec_eos_token_id if eos_token_id is None else int(eos_token_id)
     key = jax.random.key(0) if key is None else key
     state = start(
-        params, inputs.embeds, inputs.attention_mask, jnp.asarray(position_ids_3bs, jnp.float32), key, cfg=cfg, rt=rt,
-        max_new_tokens=max_new_tokens, sampling=sampling, suppress_tokens=suppress, eos_token_id=eos,
+        params, inputs.embeds, inputs.attention_mask, jnp.asarray(position_ids_3bs, jnp.float32), key, suppress,
+        jnp.int32(eos), cfg=cfg, rt=rt, max_new_tokens=max_new_tokens, sampling=sampling,
     )
     state = advance(
-        params, state, inputs.trailing, inputs.tts_pad, jnp.int32(max_new_tokens), cfg=cfg, rt=rt, sampling=sampling,
-        cp_sampling=cp_sampling, suppress_tokens=suppress, eos_token_id=eos,
+        params, state, inputs.trailing, inputs.tts_pad, suppress, jnp.int32(eos), jnp.int32(max_new_tokens), cfg=cfg,
+        rt=rt, sampling=sampling, cp_sampling=cp_sampling,
     )
     return collect_codes(state, eos)
