@@ -7,8 +7,12 @@ Parameter tree (paths mirror the hub checkpoint's `thinker.*` keys):
     model/norm/weight           (hidden,)
     lm_head/kernel              (hidden, vocab)   not tied to the embeddings
 
-The audio tower (`audio_tower/...`) and vision encoder (`visual/...`) join this tree when the
-perception components land; until then their checkpoint keys are reported by the converter.
+    audio_tower/...             the AuT audio encoder (`audio_encoder.py`)
+    visual/...                  the vision encoder with its DeepStack mergers (`vision_encoder.py`)
+
+Multimodal inputs arrive as encoder outputs (`MediaEmbeds`) and are scattered into the placeholder
+token positions with static shapes; DeepStack features are added to the hidden states at visual
+positions after decoder layers 0..n-1.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from omni_jax.config import Runtime, ThinkerConfig
 from omni_jax.nn import decoder
 from omni_jax.nn.params import ParamSpec
 
-__all__ = ["thinker_specs", "text_dims", "embed_tokens", "lm_logits", "ThinkerOutput", "forward"]
+__all__ = [
+    "thinker_specs", "text_dims", "embed_tokens", "lm_logits", "MediaEmbeds", "scatter_rows", "merge_media",
+    "ThinkerOutput", "forward",
+]
 
 
 def text_dims(cfg: ThinkerConfig) -> decoder.DecoderDims:
@@ -50,6 +57,60 @@ def lm_logits(params: dict, hidden_bsd: jax.Array) -> jax.Array:
     return jnp.dot(hidden_bsd, params["lm_head"]["kernel"].astype(hidden_bsd.dtype))
 
 
+class MediaEmbeds(NamedTuple):
+    """Encoder outputs to place at the placeholder tokens, in the order the tokens appear.
+
+    Each array may carry padding rows past the number of placeholders (encoders bucket their
+    outputs); only the first `count(placeholder)` rows are used.
+    """
+
+    audio: jax.Array | None = None  # (Na, D) audio tower output
+    image: jax.Array | None = None  # (Ni, D) vision merger output for images
+    video: jax.Array | None = None  # (Nv, D) vision merger output for videos
+    image_deepstack: jax.Array | None = None  # (n, Ni, D) DeepStack merger outputs for images
+    video_deepstack: jax.Array | None = None  # (n, Nv, D)
+
+
+def scatter_rows(x_bsd: jax.Array, mask_bs: jax.Array, rows_nd: jax.Array) -> jax.Array:
+    """x with the rows of `rows_nd` placed, in order, at the True positions of `mask_bs` (row-major).
+
+    The jit-friendly form of torch's `masked_scatter`: position p gets row `cumsum(mask)[p] - 1`.
+    """
+    flat_mask = mask_bs.reshape(-1)
+    index = jnp.clip(jnp.cumsum(flat_mask.astype(jnp.int32)) - 1, 0, rows_nd.shape[0] - 1)
+    placed = jnp.take(rows_nd.astype(x_bsd.dtype), index, axis=0).reshape(x_bsd.shape)
+    return jnp.where(mask_bs[..., None], placed, x_bsd)
+
+
+def merge_media(
+    embeds_bsd: jax.Array, input_ids_bs: jax.Array, media: MediaEmbeds, cfg: ThinkerConfig
+) -> tuple[jax.Array, jax.Array | None]:
+    """Places encoder outputs at their placeholder tokens; builds the DeepStack additions.
+
+    Returns (embeds (B, S, D), deepstack (n, B, S, D) or None). DeepStack features of images and
+    videos go to their own token positions (zeros elsewhere), which is what the reference's joint
+    visual mask amounts to.
+    """
+    x = embeds_bsd
+    placements = (
+        (media.audio, cfg.audio_token_id),
+        (media.image, cfg.image_token_id),
+        (media.video, cfg.video_token_id),
+    )
+    for rows, token_id in placements:
+        if rows is not None:
+            x = scatter_rows(x, input_ids_bs == token_id, rows)
+    deepstack = None
+    for rows, token_id in ((media.image_deepstack, cfg.image_token_id), (media.video_deepstack, cfg.video_token_id)):
+        if rows is None:
+            continue
+        mask = input_ids_bs == token_id
+        zeros = jnp.zeros_like(x)
+        layer_feats = jnp.stack([scatter_rows(zeros, mask, rows[j]) for j in range(rows.shape[0])])
+        deepstack = layer_feats if deepstack is None else deepstack + layer_feats
+    return x, deepstack
+
+
 class ThinkerOutput(NamedTuple):
     logits: jax.Array  # (B, S, vocab)
     router_logits: jax.Array  # (L, B*S, E)
@@ -64,12 +125,21 @@ def forward(
     cfg: ThinkerConfig,
     rt: Runtime,
     *,
+    media: MediaEmbeds | None = None,
+    use_deepstack: bool = True,
     return_all_hidden: bool = False,
 ) -> ThinkerOutput:
-    """Full-sequence text forward (training and `thinker_logits`)."""
+    """Full-sequence forward (training and `thinker_logits`): (B, S) ids -> (B, S, vocab) logits.
+
+    media: encoder outputs placed at the placeholder tokens (see `merge_media`); `use_deepstack`
+    False drops the DeepStack additions (an ablation, not the reference behaviour).
+    """
     x = embed_tokens(params, input_ids_bs, jnp.dtype(rt.dtype))
+    deepstack = None
+    if media is not None:
+        x, deepstack = merge_media(x, input_ids_bs, media, cfg)
     out = decoder.prefill(
         params["model"], x, position_ids_3bs, attention_mask_bs, text_dims(cfg), rt,
-        return_all_hidden=return_all_hidden,
+        deepstack_nbsd=deepstack if use_deepstack else None, return_all_hidden=return_all_hidden,
     )
     return ThinkerOutput(lm_logits(params, out.hidden), out.router_logits, out.all_hidden)

@@ -185,8 +185,17 @@ def _swiglu_visits(x, gate_w, up_w, down_w, group_sizes, layer, tile_rows: int):
     return out[:rows]
 
 
-def _swiglu_tile_rows(rows: int, max_group_size: int | None) -> int:
-    tile = 256 if rows >= 4096 else 128 if rows >= 512 else 64 if rows >= 128 else 32
+def _swiglu_tile_rows(rows: int, num_groups: int, max_group_size: int | None) -> int:
+    """Tile height for the group-aligned loop.
+
+    A group of n rows computes ceil(n / tile) * tile rows, so the masked waste is about tile / 2
+    rows per group: a tile near a quarter of the mean group size keeps it near 12% while keeping
+    tiles tall enough for an efficient matmul (measured on the benchmark prefill: a 256-row tile for
+    128-row groups computed 2.25x the useful rows).
+    """
+    mean_group = max(1, rows // max(1, num_groups))
+    tile = 1 << max(0, (mean_group // 4).bit_length() - 1)  # largest power of two <= mean / 4
+    tile = min(max(tile, 16), 128)
     if max_group_size is not None:
         tile = min(tile, max_group_size)
     return max(1, min(tile, rows))
@@ -228,4 +237,4 @@ def grouped_swiglu(
         up = grouped_matmul(x, up_w, group_sizes, impl=impl)
         return grouped_matmul(jax.nn.silu(gate) * up, down_w, group_sizes, impl=impl)
     return _swiglu_visits(x, gate_w, up_w, down_w, group_sizes, layer,
-                          _swiglu_tile_rows(x.shape[0], max_group_size))
+                          _swiglu_tile_rows(x.shape[0], gate_w.shape[-3], max_group_size))
