@@ -11,6 +11,7 @@ compared id for id with the codes the reference passes to Code2Wav.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -212,38 +213,56 @@ def _reference_speech(ref, ids, mask, **kwargs):
     return captured
 
 
-def _thinker_run(ref, ids, mask, eos, hidden_states=False):
+def _thinker_run(ref, ids, mask):
+    """Greedy thinker run with an EOS that never comes, with the hidden states the talker reads."""
     with torch.no_grad():
         return ref.thinker.generate(
             input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=THINKER_NEW_TOKENS,
-            do_sample=False, eos_token_id=eos, output_hidden_states=hidden_states, return_dict_in_generate=True,
+            do_sample=False, eos_token_id=-1, pad_token_id=0, output_hidden_states=True, return_dict_in_generate=True,
         )
+
+
+class _Truncated(NamedTuple):
+    sequences: torch.Tensor
+    hidden_states: tuple
+
+
+# Every talker run below is padded to one static shape (3 rows, these user / trailing lengths), so that
+# the jitted loop compiles once; the single-row scenario runs as 3 copies of its row.
+USER_BUCKET = 24
+TRAILING_BUCKET = THINKER_NEW_TOKENS + 2
+RUN_ROWS = 3
 
 
 @functools.lru_cache(maxsize=None)
 def _scenario(batch: int):
     """(config, params, ids, mask, captured reference run, thinker EOS, codec EOS, suppressed ids).
 
-    EOS ids are chosen among what the greedy models emit so that rows stop at different steps; the
-    codec EOS is picked from our own (EOS-free) run, then the reference runs with it.
+    EOS ids are chosen among what the greedy models emit so that rows stop at different steps: the
+    thinker's from an EOS-free run, the codec's from our own EOS-free talker run on the talker inputs of
+    that thinker run (identical to those of the run with the chosen EOS except for entries that become
+    tts_pad); then the reference runs with both.
     """
     config, ref, params = talker_reference("tiny")
     tc = config.talker_config
     rows = _prompts(config, np.random.default_rng(1))
-    never = config.text.vocab_size - 1
     for candidate in ([rows] if batch == 3 else [[r] for r in rows]):
         ids, mask = _left_pad(candidate)
-        probe = _thinker_run(ref, ids, mask, never).sequences.numpy()[:, ids.shape[1]:]
-        thinker_eos = _pick_eos(probe)
+        result = _thinker_run(ref, ids, mask)
+        thinker_eos = _pick_eos(result.sequences.numpy()[:, ids.shape[1]:])
         if thinker_eos is not None:
             break
     assert thinker_eos is not None, "no thinker EOS candidate; change the seed"
     # Codebook 0 carries codes below the code predictor's vocabulary; every other id is suppressed. The
     # codec EOS is picked among the codes, so the suppression is the same with and without it.
     suppress = tuple(range(tc.code_predictor_config.vocab_size, tc.text_config.vocab_size))
-    result = _thinker_run(ref, ids, mask, thinker_eos, hidden_states=True)
-    plan, inputs = _our_inputs(config, params, ids, mask, result, thinker_eos)
-    codec_eos = _pick_eos(_our_codes(config, params, inputs, plan, -1, suppress).tokens)
+    # The run with this EOS stops once every row has emitted it: cut the EOS-free run there.
+    generated = result.sequences.numpy()[:, ids.shape[1]:]
+    hit = generated == thinker_eos
+    length = THINKER_NEW_TOKENS if not hit.any(-1).all() else int(hit.argmax(-1).max()) + 1
+    result = _Truncated(result.sequences[:, : ids.shape[1] + length], result.hidden_states[:length])
+    plan, inputs = _our_inputs(config, params, ids, mask, result, thinker_eos, bucketed=True)
+    codec_eos = _pick_eos(_our_codes(config, params, inputs, plan, -1, suppress).tokens[: ids.shape[0]])
     assert codec_eos is not None, "no codec EOS candidate; change the seed"
     captured = _reference_speech(
         ref, ids, mask, speaker="Chelsie", thinker_max_new_tokens=THINKER_NEW_TOKENS, thinker_eos_token_id=thinker_eos,
@@ -253,12 +272,18 @@ def _scenario(batch: int):
     return config, params, ids, mask, captured, thinker_eos, codec_eos, suppress
 
 
-def _our_inputs(config, params, ids, mask, result, thinker_eos, **lengths):
+def _our_inputs(config, params, ids, mask, result, thinker_eos, bucketed=False):
+    """Our talker inputs from a reference thinker result; `bucketed`: padded to the shared run shape."""
     accept = config.talker_config.accept_hidden_layer
     embed = torch.cat([h[0] for h in result.hidden_states], 1).numpy()
     hidden = torch.cat([h[accept] for h in result.hidden_states], 1).numpy()
-    plan = talker.plan_talker_inputs(ids, mask, result.sequences.numpy(), config, thinker_eos_token_id=thinker_eos,
-                                     **lengths)
+    sequences = result.sequences.numpy()
+    lengths = {}
+    if bucketed:
+        lengths = dict(user_length=USER_BUCKET, trailing_length=TRAILING_BUCKET)
+        reps = RUN_ROWS // ids.shape[0]
+        ids, mask, sequences, embed, hidden = (np.repeat(a, reps, 0) for a in (ids, mask, sequences, embed, hidden))
+    plan = talker.plan_talker_inputs(ids, mask, sequences, config, thinker_eos_token_id=thinker_eos, **lengths)
     _, ref, _ = talker_reference("tiny")
     with torch.no_grad():
         tts = ref.thinker.get_input_embeddings()(torch.tensor(talker.tts_token_ids(config))).numpy()
@@ -286,40 +311,38 @@ def test_talker_inputs_equal_the_reference_construction(batch):
         assert len({int(np.argmax(k == talker.TTS_EOS)) for k in kinds}) > 1, "tts_eos lands at different entries"
 
 
-def _our_codes(config, params, inputs, plan, codec_eos, suppress, **kwargs):
+def _our_codes(config, params, inputs, plan, codec_eos, suppress):
     return talker.generate_codes(
         params, inputs, talker.text_position_ids(plan.attention_mask), config.talker_config, FP32,
         max_new_tokens=TALKER_NEW_TOKENS, sampling=talker.GREEDY_SAMPLING, suppress_tokens=suppress,
-        eos_token_id=codec_eos, **kwargs,
+        eos_token_id=codec_eos,
     )
 
 
 @pytest.mark.parametrize("batch", [3, 1])
 def test_greedy_speech_codes_equal_the_reference(batch):
+    """Padded to static buckets (and, for one row, batched with copies of itself), the codes equal the
+    reference's id for id; the reference runs unpadded, at its own batch size."""
     config, params, ids, mask, captured, thinker_eos, codec_eos, suppress = _scenario(batch)
-    plan, inputs = _our_inputs(config, params, ids, mask, captured["thinker"], thinker_eos)
+    plan, inputs = _our_inputs(config, params, ids, mask, captured["thinker"], thinker_eos, bucketed=True)
     out = _our_codes(config, params, inputs, plan, codec_eos, suppress)
     expected = captured["codes"].numpy()
-    assert out.codes.shape == expected.shape
-    np.testing.assert_array_equal(out.codes, expected)
     groups = config.talker_config.num_code_groups
-    assert expected.shape[1] == groups
+    assert expected.shape[:2] == (batch, groups)
+    frames = expected.shape[2]
+    assert out.codes.shape == (RUN_ROWS, groups, frames)
+    for row in range(RUN_ROWS):
+        np.testing.assert_array_equal(out.codes[row], expected[row % batch], err_msg=f"row {row}")
     if batch == 3:
         assert len(set(out.lengths.tolist())) > 1, "rows end at different frames"
         assert out.lengths.min() >= 2
 
 
-def test_padding_buckets_and_streaming_do_not_change_codes():
-    """Static-shape buckets (longer user part and trailing text) and running in chunks give the same codes."""
+def test_streaming_in_chunks_equals_one_run():
+    """`start` + `advance` in chunks (one compilation; a traced stop step) gives the one-run codes."""
     config, params, ids, mask, captured, thinker_eos, codec_eos, suppress = _scenario(3)
-    plan, inputs = _our_inputs(config, params, ids, mask, captured["thinker"], thinker_eos)
+    plan, inputs = _our_inputs(config, params, ids, mask, captured["thinker"], thinker_eos, bucketed=True)
     expected = _our_codes(config, params, inputs, plan, codec_eos, suppress)
-    plan_b, inputs_b = _our_inputs(config, params, ids, mask, captured["thinker"], thinker_eos,
-                                   user_length=plan.user_mask.shape[1] + 5,
-                                   trailing_length=plan.trailing_kind.shape[1] + 3)
-    bucketed = _our_codes(config, params, inputs_b, plan_b, codec_eos, suppress)
-    np.testing.assert_array_equal(bucketed.codes, expected.codes)
-
     tc = config.talker_config
     kwargs = dict(cfg=tc, rt=FP32, sampling=talker.GREEDY_SAMPLING)
     suppress_v, eos = talker.suppress_mask(tc.text_config.vocab_size, suppress), jnp.int32(codec_eos)
@@ -335,10 +358,9 @@ def test_padding_buckets_and_streaming_do_not_change_codes():
         assert step == min(until, expected.codes.shape[2])
         streamed.append(np.asarray(state.codes)[:, done_frames:step])
         done_frames = step
-    chunks = talker.collect_codes(state, codec_eos)
-    np.testing.assert_array_equal(chunks.codes, expected.codes)
-    np.testing.assert_array_equal(np.concatenate(streamed, 1).transpose(0, 2, 1)[expected.codes != 0],
-                                  expected.codes[expected.codes != 0])
+    np.testing.assert_array_equal(talker.collect_codes(state, codec_eos).codes, expected.codes)
+    valid = np.arange(done_frames)[None, :] < expected.lengths[:, None]
+    np.testing.assert_array_equal(np.concatenate(streamed, 1)[valid], expected.codes.transpose(0, 2, 1)[valid])
 
 
 def test_speaker_lookup_and_default_suppression():
