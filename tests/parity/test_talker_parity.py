@@ -10,6 +10,7 @@ compared id for id with the codes the reference passes to Code2Wav.
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import NamedTuple
 
@@ -376,3 +377,35 @@ def test_speaker_lookup_and_default_suppression():
     suppressed = talker.default_suppress_tokens(real)
     assert suppressed == tuple(i for i in range(2048, 3072) if i != 2150)
     assert talker.default_suppress_tokens(tc) == tuple(i for i in range(96) if i != tc.codec_eos_token_id)
+
+
+def test_bfloat16_logits_close_by_kl(rng):
+    """bf16 talker vs the fp32 reference: KL no worse than the reference's own bf16 run (plus slack)."""
+    config, ref, params = talker_reference("tiny")
+    tc = config.talker_config
+    x = rng.normal(size=(2, 20, tc.text_config.hidden_size)).astype(np.float32)
+    mask = np.ones((2, 20), np.int64)
+    mask[1, :6] = 0
+    valid = mask.astype(bool)
+    bf16 = FP32.replace(dtype="bfloat16", param_dtype="bfloat16")
+    params_bf16 = jax.tree.map(lambda a: a.astype("bfloat16"), params)
+    ours = jax.jit(lambda p, x, m, q: talker.forward(p, x, m, q, tc, bf16).logits)(
+        params_bf16, x, mask, talker.text_position_ids(mask))
+    ours = np.asarray(ours.astype(jnp.float32))[valid]
+    with torch.no_grad():
+        ref.talker.rope_deltas = None
+        exact = ref.talker(inputs_embeds=torch.tensor(x), attention_mask=torch.tensor(mask)).logits[valid]
+        # A copy: casting the shared reference to bf16 and back would round its weights for later tests.
+        talker_bf16 = copy.deepcopy(ref.talker).to(torch.bfloat16)
+        talker_bf16.rope_deltas = None
+        ref_bf16 = talker_bf16(inputs_embeds=torch.tensor(x).bfloat16(),
+                               attention_mask=torch.tensor(mask)).logits.float()[valid]
+
+    def kl(p_logits, q_logits):
+        p = torch.log_softmax(torch.as_tensor(p_logits, dtype=torch.float64), -1)
+        q = torch.log_softmax(torch.as_tensor(q_logits, dtype=torch.float64), -1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    ours_kl, reference_kl = kl(exact, ours), kl(exact, ref_bf16)
+    assert ours_kl < 1e-3, ours_kl
+    assert ours_kl <= 3 * reference_kl + 1e-5, (ours_kl, reference_kl)
