@@ -168,13 +168,14 @@ def predict_residual_codes(
 
     x = jnp.stack([talker_hidden_bd, first_embed_bd.astype(talker_hidden_bd.dtype)], axis=1).astype(dtype)
     cache = decoder.init_cache(dims, b, cfg.num_code_groups, dtype)
-    out = decoder.prefill(
-        cp_params["model"], x, jnp.broadcast_to(jnp.arange(2), (b, 2)), jnp.ones((b, 2), jnp.int32), dims, rt,
-        cache=cache,
+    # Every slot up to the query is valid (no padding); `decoder.decode` adds causality, also between the
+    # two prompt positions. The 2-token prompt goes through the decode path too: a sequence this short
+    # gains nothing from the flash kernel that `prefill` would dispatch to on GPU.
+    key_valid = jnp.ones((b, cfg.num_code_groups), bool)
+    out = decoder.decode(
+        cp_params["model"], x, jnp.broadcast_to(jnp.arange(2), (b, 2)), cache, 0, key_valid, dims, rt
     )
     first = sample(out.hidden[:, -1], 0)
-    # Every slot up to the query is valid (no padding); `decoder.decode` adds causality.
-    key_valid = jnp.ones((b, cfg.num_code_groups), bool)
 
     def body(carry, g):
         cache, code, embeds = carry

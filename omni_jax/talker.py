@@ -396,6 +396,13 @@ def build_talker_inputs(
     embed = thinker_embed_btd.astype(dtype)
     hidden = thinker_hidden_btd.astype(dtype)
     b = embed.shape[0]
+    if isinstance(plan.trailing_positions, np.ndarray):  # a concrete plan: check it fits (gathers clamp silently)
+        needed = 1 + max(int(p.max()) for p in (plan.user_positions, plan.assistant_positions, plan.trailing_positions))
+        if embed.shape[1] < needed or hidden.shape[1] < needed:
+            raise ValueError(
+                f"thinker states cover {min(embed.shape[1], hidden.shape[1])} positions; the plan reads up to "
+                f"{needed} (every position of the sequence but the last generated token)"
+            )
 
     def gather(x, positions):
         return jnp.take_along_axis(x, jnp.asarray(positions)[..., None].astype(jnp.int32), axis=1)
