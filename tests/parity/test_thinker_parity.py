@@ -4,6 +4,8 @@ Pitfalls covered: P1 (position rows with T != H != W, so the M-RoPE interleave m
 600-token prompt), P9 (router top-k sets per token), P10 (fp32 norms/softmax; bf16 by KL).
 """
 
+import copy
+
 import jax
 import numpy as np
 import pytest
@@ -134,9 +136,10 @@ def test_bfloat16_logits_close_by_kl(rng):
     ours = OmniModel(config, params_bf16, bf16).thinker_logits(ids, mask)[valid]
     with torch.no_grad():
         exact = ref.thinker(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits[valid]
-        ref_bf16 = ref.thinker.to(torch.bfloat16)(
+        # A copy: casting the shared cached reference would leave bf16-rounded weights behind for
+        # later tests in this worker.
+        ref_bf16 = copy.deepcopy(ref.thinker).to(torch.bfloat16)(
             input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.float()[valid]
-        ref.thinker.float()
 
     def kl(p_logits, q_logits):
         p = torch.log_softmax(torch.as_tensor(p_logits, dtype=torch.float64), -1)
