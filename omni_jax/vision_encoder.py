@@ -370,19 +370,50 @@ def _rotate(x_phd: jax.Array, cos_pd: jax.Array, sin_pd: jax.Array) -> jax.Array
     return (x * cos_pd[:, None, :] + rotated * sin_pd[:, None, :]).astype(x_phd.dtype)
 
 
+def _one_head_at_a_time(rt: Runtime) -> bool:
+    """Whether attention takes the XLA (not Pallas) path on CPU, where it is looped per head."""
+    return rt.attention_impl in ("auto", "xla") and jax.default_backend() == "cpu"
+
+
+def _attend(q_phd: jax.Array, k_phd: jax.Array, v_phd: jax.Array, segment_ids: jax.Array, rt: Runtime) -> jax.Array:
+    """Bidirectional attention within segments on the packed (rows, row_len) layout -> (P, heads, head_dim).
+
+    The Pallas kernel takes the whole (rows, row_len) batch and skips masked blocks itself. On the
+    XLA path the (rows * heads, row_len, row_len) score tensor of a whole batch would be written to
+    and read from memory several times (masking, softmax); looping over (row, head) pairs keeps each
+    score matrix in cache and measured ~2x faster on CPU (and bounds the memory to one matrix).
+    """
+    num_slots, heads, head_dim = q_phd.shape
+    rows, row_len = segment_ids.shape
+    shape = (rows, row_len, heads, head_dim)
+    scale = head_dim**-0.5
+    if not _one_head_at_a_time(rt):
+        out = attn_lib.self_attention(
+            q_phd.reshape(shape), k_phd.reshape(shape), v_phd.reshape(shape), segment_ids=segment_ids, scale=scale,
+            impl=rt.attention_impl,
+        )
+        return out.reshape(num_slots, heads, head_dim)
+
+    def heads_major(x):  # (P, H, D) -> (rows * H, row_len, 1, D)
+        return x.reshape(shape).transpose(0, 2, 1, 3).reshape(rows * heads, row_len, 1, head_dim)
+
+    def one(args):
+        q, k, v, seg = (a[None] for a in args)
+        return attn_lib.self_attention(q, k, v, segment_ids=seg, scale=scale, impl=rt.attention_impl)[0]
+
+    seg = jnp.repeat(segment_ids, heads, axis=0)
+    out = jax.lax.map(one, (heads_major(q_phd), heads_major(k_phd), heads_major(v_phd), seg))
+    return out.reshape(rows, heads, row_len, head_dim).transpose(0, 2, 1, 3).reshape(num_slots, heads, head_dim)
+
+
 def _block(bp: dict, x_pd: jax.Array, cos, sin, segment_ids, cfg: VisionEncoderConfig, rt: Runtime) -> jax.Array:
     num_slots, d = x_pd.shape
     heads = cfg.num_heads
     head_dim = d // heads
-    rows, row_len = segment_ids.shape
     h = layer_norm(x_pd, bp["norm1"]["weight"], bp["norm1"]["bias"], LN_EPS)
     qkv = _dense(bp["attn"]["qkv"], h).reshape(num_slots, 3, heads, head_dim)
     q, k = _rotate(qkv[:, 0], cos, sin), _rotate(qkv[:, 1], cos, sin)
-    shape = (rows, row_len, heads, head_dim)
-    a = attn_lib.self_attention(
-        q.reshape(shape), k.reshape(shape), qkv[:, 2].reshape(shape), segment_ids=segment_ids,
-        scale=head_dim**-0.5, impl=rt.attention_impl,
-    )
+    a = _attend(q, k, qkv[:, 2], segment_ids, rt)
     x_pd = x_pd + _dense(bp["attn"]["proj"], a.reshape(num_slots, d))
     h = layer_norm(x_pd, bp["norm2"]["weight"], bp["norm2"]["bias"], LN_EPS)
     act = _ACTIVATIONS[cfg.hidden_act]
