@@ -79,6 +79,7 @@ __all__ = [
 ]
 
 LN_EPS = 1e-6  # every LayerNorm of the vision encoder (blocks and mergers)
+MIN_ROW_LEN = 128  # packed rows are at least this long when the batch has this many patches
 
 # The reference's ACT2FN names for the block MLP; the mergers always use exact (erf) GELU.
 _ACTIVATIONS = {
@@ -252,7 +253,8 @@ def vision_plan(
     """The packed layout for `grid_thw` (num_images_or_videos, 3) = (t, h, w) in patches.
 
     row_len / rows: force the packed shape (each at least what the batch needs); by default the
-    longest frame and the row count are rounded up with `bucket`.
+    longest frame (at least MIN_ROW_LEN, or all patches if fewer) and the row count are rounded up
+    with `bucket`.
     """
     grid = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3) if np.size(grid_thw) else np.zeros((0, 3), np.int64)
     merge = cfg.spatial_merge_size
@@ -262,8 +264,11 @@ def vision_plan(
 
     frame_len = grid[:, 1] * grid[:, 2]
     longest = int(frame_len.max())
+    total = int((grid[:, 0] * frame_len).sum())
     granule = math.lcm(16, unit)
-    need_len = bucket(longest, granule)
+    # Rows of at least MIN_ROW_LEN slots (when the batch has that many patches): many small frames
+    # then share rows instead of each costing a row (and, on CPU, a trip of the per-head loop).
+    need_len = max(bucket(longest, granule), min(bucket(MIN_ROW_LEN, granule), bucket(total, granule)))
     if row_len is not None:
         if row_len < longest or row_len % unit:
             raise ValueError(f"row_len={row_len} must be >= the longest frame ({longest}) and a multiple of {unit}")
@@ -284,7 +289,6 @@ def vision_plan(
         raise ValueError(f"rows={rows} is fewer than the {used_rows} rows this batch needs")
     num_slots = num_rows * row_len
 
-    total = int((grid[:, 0] * frame_len).sum())
     slot_of_patch = np.empty(total, np.int64)
     segment_ids = np.zeros(num_slots, np.int32)
     positions_hw = np.zeros((num_slots, 2), np.int32)

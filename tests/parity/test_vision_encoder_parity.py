@@ -137,14 +137,20 @@ def test_each_input_alone_matches_reference_and_the_batch(index):
     assert np.abs(np.asarray(batched_deepstack[:, tokens]) - np.asarray(deepstack)).max() <= TOLERANCE * scale
 
 
-def test_duplicate_inputs_give_identical_tokens():
+def test_duplicate_inputs_give_the_same_tokens():
+    """Two copies of an image share one packed row at different offsets: same tokens up to fp32
+    summation order (measured ~1.3e-7 of the output scale)."""
     cfg, _, params = reference_and_params("tiny")
     grids = [(1, 6, 10), (1, 6, 10)]
     one = _pixels([grids[0]])
+    plan = ve.vision_plan(np.asarray(grids), cfg)
+    assert plan.segment_ids.shape[0] == 1  # both in one row
     merged, deepstack = ve.encode(params, np.concatenate([one, one]), np.asarray(grids), cfg, FP32)
+    merged, deepstack = np.asarray(merged), np.asarray(deepstack)
     half = merged.shape[0] // 2
-    np.testing.assert_array_equal(np.asarray(merged[:half]), np.asarray(merged[half:]))
-    np.testing.assert_array_equal(np.asarray(deepstack[:, :half]), np.asarray(deepstack[:, half:]))
+    scale = np.abs(merged).max()
+    assert np.abs(merged[:half] - merged[half:]).max() <= 1e-6 * scale
+    assert np.abs(deepstack[:, :half] - deepstack[:, half:]).max() <= 1e-6 * scale
 
 
 @pytest.mark.parametrize("grid", [(1, 6, 10), (1, 12, 8), (2, 4, 14), (1, 16, 2), (1, 8, 8), (1, 2, 2)])
