@@ -67,10 +67,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     import jax
 
-    from convert.reference import hf_config, randomize_
+    from convert.hf_to_jax import convert_tensors
+    from convert.reference import hf_config, randomize_, state_dict_tensors
     from omni_jax import vision_encoder as ve
     from omni_jax.config import Runtime, preset
-    from omni_jax.nn.params import flatten, unflatten
+    from omni_jax.nn.params import unflatten
     from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling
 
     cfg = bench_vision_config()
@@ -81,20 +82,9 @@ def main() -> int:
     torch.manual_seed(0)
     ref = modeling.Qwen3OmniMoeVisionEncoder(hv).eval().float()
     randomize_(ref, 0)
-    state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
-    flat = {}
-    for path, spec in flatten(ve.vision_encoder_specs(cfg)).items():
-        parts = path.split("/")
-        leaf = parts[-1]
-        name = ".".join(parts[:-1] + ["weight" if leaf == "kernel" else leaf])
-        if parts[0] == "blocks":
-            value = np.stack([state[name.replace("blocks.", f"blocks.{i}.", 1)] for i in range(cfg.depth)])
-            value = value.transpose(0, 2, 1) if leaf == "kernel" else value
-        else:
-            value = state[name].T if leaf == "kernel" else state[name]
-        assert value.shape == spec.shape, path
-        flat[path] = value
-    params = jax.device_put(unflatten(flat))
+    tensors = (("thinker.visual." + key, load, shape) for key, load, shape in state_dict_tensors(ref))
+    flat = convert_tensors(tensors, {"thinker": {"visual": ve.vision_encoder_specs(cfg)}}, dtype="float32")
+    params = jax.device_put(unflatten(flat)["thinker"]["visual"])
     rt = Runtime(dtype="float32", param_dtype="float32")
 
     def interleaved(fn_ref, fn_ours):

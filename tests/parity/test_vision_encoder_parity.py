@@ -5,10 +5,8 @@ unsorted `deepstack_visual_indexes`), P6 (tanh GELU in the blocks, exact GELU in
 shows up far above the tolerance), P10 (fp32 RoPE; bf16 against the reference's own bf16 error) and
 P13 (batched == single). The position grid is resampled to sizes other than its native 8 x 8.
 
-Parameters are converted from the reference's state dict with the strict converter. The converter's
-layout inserts the layer index only after a path component named `layers`, while the reference (and
-our tree) call the stacked blocks `blocks`; until `convert/layout.py` knows that name, these tests
-rename `blocks` <-> `layers` around the conversion (`_params_from_reference`).
+Parameters are converted from the reference's state dict with the strict converter (`blocks.{i}.*`
+into the stacked `blocks`, `merger_list.{j}.*`, Conv3d weight as is).
 """
 
 from __future__ import annotations
@@ -49,21 +47,16 @@ def _hf_vision_config(cfg):
 
 
 def _params_from_reference(ref, cfg):
+    """The reference's state dict through the strict converter, under the transformers-5 in-memory
+    prefix `thinker.model.visual.` and into the thinker's `visual` subtree: a missing, unused or
+    mis-shaped key would raise."""
     from convert.hf_to_jax import convert_tensors
     from convert.reference import state_dict_tensors
     from omni_jax.nn.params import unflatten
 
-    specs = ve.vision_encoder_specs(cfg)
-    specs["layers"] = specs.pop("blocks")
-
-    def renamed():
-        for key, load, shape in state_dict_tensors(ref):
-            if key.startswith("blocks."):
-                key = "layers." + key[len("blocks."):]
-            yield "visual." + key, load, shape
-
-    tree = unflatten(convert_tensors(renamed(), {"visual": specs}, dtype="float32"))["visual"]
-    tree["blocks"] = tree.pop("layers")
+    tensors = (("thinker.model.visual." + key, load, shape) for key, load, shape in state_dict_tensors(ref))
+    specs = {"thinker": {"visual": ve.vision_encoder_specs(cfg)}}
+    tree = unflatten(convert_tensors(tensors, specs, dtype="float32"))["thinker"]["visual"]
     return jax.tree.map(jax.numpy.asarray, tree)
 
 
