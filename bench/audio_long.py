@@ -171,7 +171,8 @@ def reference_side(ref, workdir: str, repeats: int) -> list[dict]:
         expected = run().numpy()
         best = _best_of(run, repeats)
         ours = np.load(os.path.join(workdir, f"ours_{seconds}.npy"))
-        err = float(np.abs(ours - expected).max() / np.abs(expected).max()) if ours.shape == expected.shape else float("inf")
+        same_shape = ours.shape == expected.shape
+        err = float(np.abs(ours - expected).max() / np.abs(expected).max()) if same_shape else float("inf")
         rows.append({"seconds": seconds, "tokens": int(expected.shape[0]), "reference_s": best, "max_rel_diff": err})
     return rows
 

@@ -33,6 +33,8 @@ token goes. The jitted core (`encode_padded`) sees only fixed-size arrays:
     bidirectional, O(tokens * W) time and memory, never an O(N^2) mask over the whole audio.
   * Convolutions run `lax.map` over slices of `conv_batch` chunks so their (channels, mel, time)
     activations never exist for the whole audio at once (the reference's `conv_chunksize` idea).
+    conv2d2/conv2d3 are a patch matrix times the kernel (one GEMM), which XLA:CPU runs ~3x faster
+    than its convolution inside the loop.
 
 Bucketing: the chunk count C and the row count G are each rounded up by `bucket_size`: exact up to 8,
 then to a multiple of 2^(bit_length(n-1) - 3), i.e. four sizes per octave (<= 25% padding, a few
@@ -55,9 +57,7 @@ we compute it (`sinusoid_positions`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -232,7 +232,9 @@ class AudioPlan(NamedTuple):
         return self.chunks_cmf, self.pad_len, self.row_src, self.segment_ids, self.out_src
 
 
-def plan_audio(input_features_mt: np.ndarray, feature_lens, cfg: AudioEncoderConfig, *, bucket: bool = True) -> AudioPlan:
+def plan_audio(
+    input_features_mt: np.ndarray, feature_lens, cfg: AudioEncoderConfig, *, bucket: bool = True
+) -> AudioPlan:
     """Chunks, windows and token routing for audios packed as the reference's audio tower takes them.
 
     input_features_mt: (num_mel_bins, sum(feature_lens)) the audios' valid frames, concatenated.

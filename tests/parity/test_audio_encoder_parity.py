@@ -61,11 +61,12 @@ def _sharpen_(ref) -> None:
     """Scales attention and conv weights up from `randomize_`'s std 0.05 so that attention is far from
     uniform and the CNN's padding matters: otherwise a wrong window changes the output by < 1e-4 of
     its scale and would hide below a loose bar. (Windows of 52 vs 104 tokens now differ by ~0.6.)"""
+    louder = ("v_proj.weight", "out_proj.weight", "conv2d1.weight", "conv2d2.weight", "conv2d3.weight")
     with torch.no_grad():
         for name, p in ref.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(10.0)
-            elif name.endswith(("v_proj.weight", "out_proj.weight")) or (name.startswith("conv2d") and "weight" in name):
+            elif name.endswith(louder):
                 p.mul_(4.0)
 
 
@@ -92,7 +93,9 @@ def _ours(params, feats, frames, cfg, hidden=False):
         out, counts = ae.encode(params, feats, frames, cfg, FP32)
         return np.asarray(out), counts
     plan = ae.plan_audio(feats, frames, cfg)
-    out, all_hidden = ae._encode_padded_jit(params, *plan.device_inputs(), cfg=cfg, rt=FP32, return_all_hidden=True)
+    out, all_hidden = ae._encode_padded_jit(
+        params, *plan.device_inputs(), cfg=cfg, rt=FP32, return_all_hidden=True
+    )
     n = plan.num_tokens
     return np.asarray(out)[:n], np.asarray(all_hidden)[:, :n], plan.token_counts
 
@@ -272,3 +275,28 @@ def test_jit_cache_is_reused_for_similar_lengths():
     before = ae._encode_padded_jit._cache_size()
     ae.encode(params, feats[:, :3010], [3010], cfg, FP32)
     assert ae._encode_padded_jit._cache_size() == before
+
+
+def test_bfloat16_error_is_the_references_own():
+    """bf16 weights and activations: our error against the fp32 reference is no larger (RMS, 1.5x
+    margin) than the reference's own bf16 error (measured: 1.53% vs 1.41% RMS)."""
+    import copy
+
+    from omni_jax.config import Runtime
+
+    cfg, ref, params = _reference_and_params()
+    frames = [3100, 855, 60]
+    feats = _features(frames, seed=5)
+    expected = _reference(ref, feats, frames)
+    rt = Runtime(dtype="bfloat16", param_dtype="bfloat16")
+    got, _ = ae.encode(jax.tree.map(lambda a: a.astype(rt.param_dtype), params), feats, frames, cfg, rt)
+    got = np.asarray(got, np.float32)
+    ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16)
+    with torch.no_grad():
+        ref_out = ref_bf16(torch.tensor(feats).to(torch.bfloat16), feature_lens=torch.tensor(frames))
+    ref_got = ref_out.last_hidden_state.float().numpy()
+
+    def rms_error(x):
+        return np.sqrt(np.mean((x - expected) ** 2) / np.mean(expected**2))
+
+    assert rms_error(got) <= 1.5 * rms_error(ref_got), (rms_error(got), rms_error(ref_got))
