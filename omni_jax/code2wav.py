@@ -314,6 +314,8 @@ def decode_bucketed(
 
     Frames appended at the end cannot change earlier samples (causality), so the padded decode cut to
     `output_length(cfg, T)` is the unpadded one. Returns float32 numpy (B, output_length(cfg, T)).
+    Off GPU/TPU the attention mask is materialised (T x T per head): for long utterances prefer
+    `chunked_decode` (the reference's audio) or `StreamingDecoder` (the exact full decode).
     """
     codes = np.asarray(codes_bqt)
     t = codes.shape[-1]
@@ -477,10 +479,13 @@ class StreamingDecoder:
             audio_bn = dec.push(codes_bqn)  # float32 numpy (B, samples newly final)
 
     After T frames the concatenated pushes equal `decode` of all T frames (output_length(cfg, T)
-    samples); nothing is held back that a later frame could still change. Each push runs one jitted
-    step per bucket-sized piece (`buckets`: the compiled chunk sizes; a push longer than the largest
-    bucket is split, the last piece padded up to the smallest bucket that holds it). The convolutional part is recomputed over `receptive_field_frames(cfg)` stored
-    frames, the pre-transformer reads its KV cache: the cost per push is that of ctx + n frames.
+    samples); nothing is held back that a later frame could still change, and nothing is dropped
+    at a push boundary. Each push runs one jitted step per piece: `buckets` are the compiled chunk
+    sizes; a push longer than the largest bucket is split, the last piece padded up to the smallest
+    bucket that holds it. The pre-transformer reads its KV cache; the convolutional part is re-run
+    over `context` stored frames (default and minimum: `receptive_field_frames(cfg)`, 10 for the
+    published model) plus the new ones, so a push of n frames costs about ctx + n frames of
+    convolution.
     """
 
     def __init__(self, params: dict, cfg: Code2WavConfig, rt: Runtime, *, batch: int = 1,
@@ -488,6 +493,9 @@ class StreamingDecoder:
         self.params, self.cfg, self.rt = params, cfg, rt
         self.buckets = tuple(sorted(set(buckets)))
         self.context = receptive_field_frames(cfg) if context is None else context
+        if self.context < receptive_field_frames(cfg):
+            raise ValueError(f"context {self.context} < receptive_field_frames = {receptive_field_frames(cfg)}: "
+                             "the stream would no longer equal the full decode")
         self.state = init_stream_state(cfg, batch, jnp.dtype(rt.dtype), self.context)
         self.batch = batch
         self.frames = 0

@@ -273,3 +273,15 @@ def test_batched_rows_of_different_lengths_equal_single_decodes():
                              multiple=BUCKET)
     for new_row, old_row in enumerate(perm):
         np.testing.assert_array_equal(again[new_row], full[old_row])
+
+
+def test_bad_inputs_are_clear_errors():
+    cfg, _, params, codes = setup()
+    with pytest.raises(ValueError, match="receptive_field_frames"):
+        c2w.StreamingDecoder(params, cfg, FP32, context=c2w.receptive_field_frames(cfg) - 1)
+    with pytest.raises(ValueError, match=r"expected codes \(1, 4, n\)"):
+        c2w.StreamingDecoder(params, cfg, FP32).push(codes[:1, :3])
+    with pytest.raises(ValueError, match="layer of codes"):
+        c2w.embed_codes(params, codes[:, :3], cfg, np.float32)
+    with pytest.raises(ValueError, match="one length"):
+        c2w.decode_batch(params, codes, [FRAMES + 1, 1, 1], cfg, FP32)
