@@ -7,7 +7,8 @@ after blocks 1, 3, 5, output 512, the real 48 x 48 position grid and 16-pixel pa
 Inputs, made by omni_jax's processors: a 448 x 448 image (grid 1 x 28 x 28, 196 tokens) and an 8 s
 video sampled at 2 fps (16 frames of 640 x 360 -> grid 8 x 22 x 40, 1760 tokens), each alone and
 both in one batch. omni_jax's time includes the host-side plan and packing, not compilation; both
-sides get a warm-up run, then they alternate and the best of `--repeats` runs counts. Outputs are checked against each other.
+sides get a warm-up run, then they alternate and the best of `--repeats` runs counts. Outputs are
+checked against each other.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def main() -> int:
         got = np.asarray(run_ours()[0])
         diff = np.abs(got - expected).max() / np.abs(expected).max()
         grid_text = " ".join("x".join(str(v) for v in row) for row in grid.tolist())
-        print(f"{name:24s}{grid_text:>22s}{len(pixels):9d}{t_ref:13.3f}{t_ours:12.3f}{t_ref / t_ours:7.2f}x{diff:14.1e}")
+        print(f"{name:24s}{grid_text:>22s}{len(pixels):9d}{t_ref:13.3f}{t_ours:12.3f}{t_ref / t_ours:7.2f}x"
+              f"{diff:14.1e}")
     return 0
 
 

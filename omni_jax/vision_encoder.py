@@ -128,7 +128,10 @@ def vision_encoder_specs(cfg: VisionEncoderConfig) -> dict:
         "norm1": _norm(d, "embed"),
         "norm2": _norm(d, "embed"),
         # qkv's output is (3, heads, head_dim) fused: a name of its own keeps it replicated.
-        "attn": {"qkv": _linear(d, 3 * d, ("embed", "vision_qkv"), std), "proj": _linear(d, d, ("q_heads", "embed"), std)},
+        "attn": {
+            "qkv": _linear(d, 3 * d, ("embed", "vision_qkv"), std),
+            "proj": _linear(d, d, ("q_heads", "embed"), std),
+        },
         "mlp": {
             "linear_fc1": _linear(d, cfg.intermediate_size, ("embed", "mlp"), std),
             "linear_fc2": _linear(cfg.intermediate_size, d, ("mlp", "embed"), std),

@@ -161,7 +161,8 @@ def test_position_grid_interpolation_matches_reference(grid):
     np.testing.assert_array_equal(plan.interp_index[slots], ref_idx.numpy())
     np.testing.assert_array_equal(plan.interp_weight[slots], ref_w.numpy())
 
-    ours = np.asarray(ve.position_embeddings(params["pos_embed"]["weight"], plan.interp_index, plan.interp_weight))[slots]
+    table_jax = params["pos_embed"]["weight"]
+    ours = np.asarray(ve.position_embeddings(table_jax, plan.interp_index, plan.interp_weight))[slots]
     table = ref.pos_embed.weight.detach()
     with torch.no_grad():
         expected = (table[ref_idx] * ref_w[:, :, None]).sum(1).numpy()
