@@ -2,6 +2,9 @@
 
     python bench/code2wav_cpu.py [--config small|full] [--seconds 10] [--batch 1] [--threads N] [--repeats 3]
 
+--threads 1 also runs XLA single-threaded (`--xla_cpu_multi_thread_eigen=false`); otherwise torch
+gets N threads and XLA its default thread pool.
+
 Configs: "small" (default): hidden 256, 4 layers, 8 heads, MLP 768, decoder_dim 384 (channels
 384 -> 192 -> 96 -> 48 -> 24), 16 quantizers x 2048 codes, the published rates (1920 samples per
 frame); "full": the published vocoder (216M parameters). Work: `--seconds` of codes (12.5 frames/s).
@@ -53,6 +56,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stream-chunk", type=int, default=25)
     args = parser.parse_args()
+    if args.threads == 1:  # one core each: steadier figures on a shared machine
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
 
     import jax
     import numpy as np
