@@ -136,21 +136,38 @@ def test_specs_cover_the_reference_state_dict_exactly():
     np.testing.assert_array_equal(params["layers"]["fc1"]["kernel"][1], ref.layers[1].fc1.weight.detach().numpy().T)
 
 
+def _processor_layout(packed: np.ndarray, frames: list[int]):
+    """(B, mel, max frames) + feature_attention_mask, as the processor returns; padding is garbage."""
+    batch = np.full((len(frames), 128, max(frames)), 7.0, np.float32)
+    mask = np.zeros((len(frames), max(frames)), np.int64)
+    start = 0
+    for row, n in enumerate(frames):
+        batch[row, :, :n], mask[row, :n] = packed[:, start:start + n], 1
+        start += n
+    return batch, mask
+
+
+# The main batch: 3, 8, 9, 31, 120 s, two odd lengths, and the 31 s clip again (duplicate row).
+MAIN_FRAMES = [100 * s for s in SECONDS] + list(ODD_FRAMES) + [3100]
+
+
 @functools.lru_cache(maxsize=None)
 def _batched_default():
-    """3, 8, 9, 31, 120 s and two odd lengths in one batch: ours (output, hidden states) and counts."""
+    """The main batch through the processor layout: (packed features, batch, mask, ours, hidden, counts)."""
     cfg, _, params = _reference_and_params()
-    frames = [100 * s for s in SECONDS] + list(ODD_FRAMES)
-    feats = _features(frames)
-    got, got_hidden, counts = _ours(params, feats, frames, cfg, hidden=True)
-    return frames, feats, got, got_hidden, counts
+    packed = _features(MAIN_FRAMES)
+    packed[:, -3100:] = packed[:, 2000:5100]  # the last audio repeats the 31 s one
+    batch, mask = _processor_layout(packed, MAIN_FRAMES)
+    repacked, lens = ae.pack_batched_features(batch, mask)
+    got, got_hidden, counts = _ours(params, repacked, lens, cfg, hidden=True)
+    return packed, batch, mask, repacked, lens, got, got_hidden, counts
 
 
 def test_batch_of_clips_matches_reference_layer_by_layer():
     cfg, ref, _ = _reference_and_params()
-    frames, feats, got, got_hidden, counts = _batched_default()
-    expected, expected_hidden = _reference(ref, feats, frames, hidden=True)
-    assert counts.tolist() == ae.audio_output_lengths(frames).tolist()
+    packed, *_, got, got_hidden, counts = _batched_default()
+    expected, expected_hidden = _reference(ref, packed, MAIN_FRAMES, hidden=True)
+    assert counts.tolist() == ae.audio_output_lengths(MAIN_FRAMES).tolist()
     assert len(expected_hidden) == cfg.encoder_layers + 1
     for i, h in enumerate(expected_hidden):
         _assert_close(got_hidden[i], h, f"hidden state {i}")
@@ -160,50 +177,70 @@ def test_batch_of_clips_matches_reference_layer_by_layer():
 @pytest.mark.parametrize("index", range(len(SECONDS) + len(ODD_FRAMES)))
 def test_single_clip_matches_reference_and_the_batched_rows(index):
     cfg, ref, params = _reference_and_params()
-    frames, feats, batched, _, counts = _batched_default()
-    start = int(np.sum(frames[:index]))
-    one = np.ascontiguousarray(feats[:, start:start + frames[index]])
-    expected = _reference(ref, one, [frames[index]])
-    got, _ = _ours(params, one, [frames[index]], cfg)
-    _assert_close(got, expected, f"{frames[index]} frames alone")
+    packed, *_, batched, _, counts = _batched_default()
+    start = int(np.sum(MAIN_FRAMES[:index]))
+    one = np.ascontiguousarray(packed[:, start:start + MAIN_FRAMES[index]])
+    expected = _reference(ref, one, [MAIN_FRAMES[index]])
+    got, _ = _ours(params, one, [MAIN_FRAMES[index]], cfg)
+    _assert_close(got, expected, f"{MAIN_FRAMES[index]} frames alone")
     offset = int(counts[:index].sum())
     _assert_close(batched[offset:offset + counts[index]], got, "batched row vs single")
 
 
-def test_duplicate_rows_and_processor_layout():
-    """The processor's (B, mel, frames) + feature_attention_mask layout, with a duplicated audio."""
-    cfg, ref, params = _reference_and_params()
-    frames = [3100, 855, 3100]
-    packed = _features(frames, seed=1)
-    packed[:, 3955:] = packed[:, :3100]  # the third audio repeats the first
-    batch = np.zeros((3, 128, 3100), np.float32)
-    mask = np.zeros((3, 3100), np.int64)
-    start = 0
-    for row, n in enumerate(frames):
-        batch[row, :, :n], mask[row, :n] = packed[:, start:start + n], 1
-        start += n
-    batch[1, :, 855:] = 7.0  # padding content must not matter
-    repacked, lens = ae.pack_batched_features(batch, mask)
-    expected_packed = torch.tensor(batch).permute(0, 2, 1)[torch.tensor(mask).bool()].permute(1, 0).numpy()
-    np.testing.assert_array_equal(repacked, expected_packed)
-    assert lens.tolist() == frames
-
-    out, counts = ae.encode_batched(params, batch, mask, cfg, FP32)
-    out = np.asarray(out)
-    _assert_close(out, _reference(ref, packed, frames), "processor layout")
-    first, last = out[: counts[0]], out[counts[0] + counts[1]:]
-    np.testing.assert_allclose(last, first, rtol=0, atol=TOLERANCE * np.abs(first).max())
+def test_processor_layout_and_duplicate_rows():
+    """Packing (B, mel, frames) + feature_attention_mask is the reference's `get_audio_features`
+    indexing, and a duplicated audio gives identical rows."""
+    packed, batch, mask, repacked, lens, got, _, counts = _batched_default()
+    expected = torch.tensor(batch).permute(0, 2, 1)[torch.tensor(mask).bool()].permute(1, 0).numpy()
+    np.testing.assert_array_equal(repacked, expected)
+    np.testing.assert_array_equal(repacked, packed)
+    assert lens.tolist() == MAIN_FRAMES
+    ends = np.cumsum(counts)
+    dup = got[ends[-2]:]
+    original = got[ends[2]:ends[3]]
+    np.testing.assert_allclose(dup, original, rtol=0, atol=TOLERANCE * np.abs(original).max())
 
 
-@pytest.mark.parametrize("n_window_infer", [400, 250])
-def test_other_inference_windows_follow_the_reference_rule(n_window_infer):
-    """n_window_infer=400: 52-token windows; 250: 26-token windows (250 // 100 = 2)."""
-    cfg, ref, params = _reference_and_params(n_window_infer)
+def _plan_cu_seqlens(plan: ae.AudioPlan) -> list[int]:
+    """The windows a plan attends over, as the reference's cu_seqlens (token order)."""
+    slots = plan.out_src[: plan.num_tokens]
+    width = plan.segment_ids.shape[1]
+    key = (slots // width) * 1_000 + plan.segment_ids.reshape(-1)[slots]
+    starts = np.flatnonzero(np.diff(key)) + 1
+    return [0, *starts.tolist(), plan.num_tokens]
+
+
+@pytest.mark.parametrize("n_window_infer", [800, 400, 250, 100, 1000])
+def test_windows_equal_the_reference_cu_seqlens(n_window_infer):
+    """Host-side: the attention windows of our plan are `get_audio_cu_seqlens`'s, for batches with
+    full chunks, short tails, and short audios only (where the window depends on the batch)."""
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling
+
+    cfg = _audio_config(n_window_infer)
+    for frames in ([1000], [3000], [250, 60], [60, 30], [99, 5, 1], [12000, 307, 855, 3100], [800, 900, 100, 1]):
+        feats = np.zeros((128, sum(frames)), np.float32)
+        plan = ae.plan_audio(feats, frames, cfg)
+        lens = torch.tensor(frames)
+        _, chunk_lengths = modeling.chunk_and_pad_features(torch.tensor(feats), lens, cfg.n_window)
+        expected = modeling.get_audio_cu_seqlens(chunk_lengths, lens, n_window_infer, cfg.n_window)
+        assert _plan_cu_seqlens(plan) == expected.tolist(), frames
+        # Each window lies within one attention row of 13 * (n_window_infer // 100) slots.
+        assert plan.segment_ids.shape[1] == 13 * (n_window_infer // 100)
+    # The documented examples (reference doc §3).
+    if n_window_infer == 800:
+        cfg = _audio_config()
+        assert _plan_cu_seqlens(ae.plan_audio(np.zeros((128, 1000)), [1000], cfg)) == [0, 104, 130]
+        assert _plan_cu_seqlens(ae.plan_audio(np.zeros((128, 3000)), [3000], cfg)) == [0, 104, 208, 312, 390]
+
+
+def test_other_inference_window_follows_the_reference_rule():
+    """n_window_infer=250: 26-token windows (250 // 100 = 2), run end to end."""
+    cfg, ref, params = _reference_and_params(250)
     frames = [3100, 900, 307]
     feats = _features(frames, seed=2)
     expected = _reference(ref, feats, frames)
     got, _ = _ours(params, feats, frames, cfg)
-    _assert_close(got, expected, f"n_window_infer={n_window_infer}")
+    _assert_close(got, expected, "n_window_infer=250")
     # The window matters: the default (104-token) windows give a clearly different result.
     _, default_ref, _ = _reference_and_params(800)
     default = _reference(default_ref, feats, frames)
@@ -217,7 +254,8 @@ def test_batch_of_short_audios_only_pads_to_its_longest_chunk():
     frames = [60, 30, 9, 1]
     feats = _features(frames, seed=3)
     expected = _reference(ref, feats, frames)
-    got, counts = _ours(params, feats, frames, cfg)
+    got, counts = ae.encode_batched(params, *_processor_layout(feats, frames), cfg, FP32)
+    got = np.asarray(got)
     assert counts.tolist() == [8, 4, 2, 1]
     _assert_close(got, expected, "short-only batch")
 
@@ -285,7 +323,7 @@ def test_bfloat16_error_is_the_references_own():
     from omni_jax.config import Runtime
 
     cfg, ref, params = _reference_and_params()
-    frames = [3100, 855, 60]
+    frames = [900, 307, 60]
     feats = _features(frames, seed=5)
     expected = _reference(ref, feats, frames)
     rt = Runtime(dtype="bfloat16", param_dtype="bfloat16")
@@ -300,3 +338,14 @@ def test_bfloat16_error_is_the_references_own():
         return np.sqrt(np.mean((x - expected) ** 2) / np.mean(expected**2))
 
     assert rms_error(got) <= 1.5 * rms_error(ref_got), (rms_error(got), rms_error(ref_got))
+
+
+def test_lax_conv_path_matches_reference():
+    """The accelerator default (`lax.conv`, bigger conv slices) on CPU, on the case where the convs
+    must see the reference's padding (a short-only batch): same result as the reference."""
+    cfg, ref, params = _reference_and_params()
+    frames = [60, 30, 9, 1]
+    feats = _features(frames, seed=6)
+    plan = ae.plan_audio(feats, frames, cfg)
+    out = ae._encode_padded_jit(params, *plan.device_inputs(), cfg=cfg, rt=FP32, conv_batch=16, conv_impl="xla")
+    _assert_close(np.asarray(out)[: plan.num_tokens], _reference(ref, feats, frames), "lax.conv path")
