@@ -39,7 +39,9 @@ from torch.utils._device import _device_constructors
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from convert.layout import COMPONENT_PREFIXES, FusedSlot, absent_component, fused_layout, hub_layout, normalize_key  # noqa: E402
+from convert.layout import (  # noqa: E402
+    COMPONENT_PREFIXES, FusedSlot, absent_component, fused_layout, hub_layout, normalize_key,
+)
 from omni_jax.config import OmniConfig, preset  # noqa: E402
 from omni_jax.nn.params import flatten  # noqa: E402
 

@@ -31,6 +31,7 @@ from omni_jax.model import model_specs
 from omni_jax.nn.params import flatten, init_params
 from omni_jax.nn.rope import inverse_frequencies
 from tests.conftest import thinker_only
+from tools import list_checkpoint_keys
 from tools.list_checkpoint_keys import account, buffers, hub_keys, memory_keys, reference_on_meta, transformers_hub_keys
 
 INSTRUCT = "qwen3-omni-30b-a3b-instruct"
@@ -142,7 +143,8 @@ def test_every_key_fills_exactly_one_slot(name, layout):
 def test_full_size_specs_build_abstractly():
     """`jax.eval_shape` of the real initialiser: the parameter tree the converter fills, shape for shape."""
     specs = flatten(_specs(INSTRUCT))
-    out = flatten(jax.eval_shape(functools.partial(init_params, _specs(INSTRUCT), dtype=jnp.bfloat16), jax.random.key(0)))
+    init = functools.partial(init_params, _specs(INSTRUCT), dtype=jnp.bfloat16)
+    out = flatten(jax.eval_shape(init, jax.random.key(0)))
     assert set(out) == set(specs)
     assert all(tuple(out[p].shape) == tuple(s.shape) for p, s in specs.items())
     assert sum(math.prod(s.shape) for s in out.values()) == PUBLISHED_INSTRUCT_ELEMENTS
@@ -302,10 +304,23 @@ def test_accounting_catches_each_kind_of_mismatch():
     assert acc.unmapped == ["thinker.model.language_model.layers.0.self_attn.extra.weight"]
     assert [d.split(" ")[0] for d in acc.duplicates] == [
         "thinker.model.layers.0.input_layernorm.weight", "thinker.model.layers.5.mlp.experts.7.gate_proj.weight"]
-    assert len(acc.misshaped) == 1 and acc.misshaped[0].startswith("code2wav.decoder.6.conv.weight: checkpoint (1, 96, 8)")
+    assert len(acc.misshaped) == 1
+    assert acc.misshaped[0].startswith("code2wav.decoder.6.conv.weight: checkpoint (1, 96, 8)")
     assert acc.unfilled == {
         "talker/model/layers/mlp/experts/gate_proj": 128 * 1024 * 384,
         "talker/model/layers/mlp/experts/up_proj": 128 * 1024 * 384,
         "code2wav/decoder/6/conv/weight": 96 * 7,
     }
     assert not acc.complete and not acc.absent
+
+
+def test_check_tool_on_a_saved_checkpoint(tmp_path, capsys):
+    """On disk: what `save_pretrained` writes (tiny config) is the hub listing, and `--check` accounts it."""
+    from convert.reference import reference_model
+
+    config = preset("tiny")
+    reference_model(config).save_pretrained(tmp_path)
+    on_disk = list_checkpoint_keys.checkpoint_keys(str(tmp_path))
+    assert on_disk == hub_keys(memory_keys(reference_on_meta(config)))
+    assert list_checkpoint_keys.main(["--check", str(tmp_path)]) == 0
+    assert "only in the checkpoint 0, only in the reference 0, different shapes 0" in capsys.readouterr().out
