@@ -54,8 +54,8 @@ def parse_args(argv=None):
                    help="parameter/compute dtype (default: bfloat16 for checkpoints, float32 for presets)")
     p.add_argument("--no-audio", action="store_true", help="text output only")
     p.add_argument("--speaker", default="Ethan")
-    p.add_argument("--skip-unimplemented", action="store_true",
-                   help="load a checkpoint even if it holds components this build does not implement")
+    p.add_argument("--skip-absent-components", action="store_true",
+                   help="load a checkpoint even if it holds components its configuration leaves out")
     return p.parse_args(argv)
 
 
@@ -115,7 +115,7 @@ def load_model(args):
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     if args.ckpt:
         dtype = args.dtype or "bfloat16"
-        model = omni_jax.load_pretrained(args.ckpt, dtype=dtype, skip_unimplemented=args.skip_unimplemented)
+        model = omni_jax.load_pretrained(args.ckpt, dtype=dtype, skip_absent_components=args.skip_absent_components)
         assets = None
         if os.path.exists(os.path.join(args.ckpt, "tokenizer.json")):
             from omni_jax.processing.prompt import load_text_assets  # noqa: PLC0415

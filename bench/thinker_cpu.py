@@ -60,7 +60,7 @@ def main() -> int:
     config = bench_config()
     ref = reference_model(config, attn_implementation="sdpa")
     params = unflatten(convert_tensors(state_dict_tensors(ref), model_specs(config), dtype=args.dtype,
-                                       skip_unimplemented=True))
+                                       skip_absent_components=True))
     model = omni_jax.OmniModel(config, jax.device_put(params), omni_jax.Runtime(dtype=args.dtype, param_dtype=args.dtype))
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 8000, (args.batch, args.prompt))

@@ -1,11 +1,12 @@
 """Hugging Face (PyTorch) checkpoint -> omni_jax parameters, strictly and streaming.
 
-    python -m convert.hf_to_jax --src HF_DIR --dst CKPT_DIR [--dtype bfloat16] [--skip-unimplemented]
+    python -m convert.hf_to_jax --src HF_DIR --dst CKPT_DIR [--dtype bfloat16] [--skip-absent-components]
 
 Reads both the hub layout (one tensor per expert) and the transformers-5 in-memory layout (fused
 `gate_up_proj`, gate rows first). Strict: a missing, unused or mis-shaped key is an error naming the
-key. Keys of components this build does not implement yet are listed by component in one message
-and skipped only with `--skip-unimplemented`.
+key. Keys of components the configuration leaves out (a talker in a text-only configuration) are
+listed by component in one message
+and skipped only with `--skip-absent-components`.
 
 Memory: tensors are read one at a time from the safetensors files (memory-mapped) and copied into
 the one preallocated host buffer of the parameter they belong to, so the host holds the model once,
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.layout import UNIMPLEMENTED_PREFIXES, FusedSlot, Slot, fused_layout, hub_layout, normalize_key
+from convert.layout import FusedSlot, absent_component, Slot, fused_layout, hub_layout, normalize_key
 from omni_jax.config import OmniConfig, load_config
 from omni_jax.nn.params import flatten, unflatten
 
@@ -128,7 +129,7 @@ def convert_tensors(
     spec_tree: dict,
     *,
     dtype="bfloat16",
-    skip_unimplemented: bool = False,
+    skip_absent_components: bool = False,
     progress: bool = False,
     total: int | None = None,
 ) -> dict[str, np.ndarray]:
@@ -137,6 +138,7 @@ def convert_tensors(
     Shapes are checked before a tensor is read; all problems are gathered and raised together.
     """
     asm = _Assembler(spec_tree, dtype)
+    expected_keys = list(asm.hub) + list(asm.fused)
     unused: list[str] = []
     misshaped: list[str] = []
     duplicate: list[str] = []
@@ -155,7 +157,7 @@ def convert_tensors(
         seen.add(key)
         slot = asm.hub.get(key) or asm.fused.get(key)
         if slot is None:
-            component = next((n for n, p in UNIMPLEMENTED_PREFIXES.items() if key.startswith(p)), None)
+            component = absent_component(key, expected_keys)
             if component is not None:
                 skipped[component].append(raw_key)
             else:
@@ -172,14 +174,15 @@ def convert_tensors(
         del tensor
 
     problems = []
-    if skipped and not skip_unimplemented:
+    if skipped and not skip_absent_components:
         lines = "\n".join(
             f"  {name}: {len(keys)} keys, e.g.\n{_format_keys(sorted(keys), 5)}" for name, keys in skipped.items()
         )
         problems.append(
-            "the checkpoint holds components this build of omni_jax does not implement yet:\n"
-            f"{lines}\nThey would be dropped. Pass skip_unimplemented=True (--skip-unimplemented) to load the "
-            "rest anyway."
+            "the checkpoint holds components that the configuration leaves out (e.g. a talker and Code2Wav "
+            "with enable_audio_output=false):\n"
+            f"{lines}\nThey would be dropped. Pass skip_absent_components=True (--skip-absent-components) to "
+            "load the rest anyway."
         )
     if unused:
         problems.append(f"{len(unused)} checkpoint keys match no model parameter (unused):\n{_format_keys(unused)}")
@@ -200,7 +203,7 @@ def convert_checkpoint(
     config: OmniConfig,
     *,
     dtype="bfloat16",
-    skip_unimplemented: bool = False,
+    skip_absent_components: bool = False,
     shardings: dict | None = None,
     progress: bool = False,
 ) -> dict:
@@ -210,7 +213,7 @@ def convert_checkpoint(
     specs = model_specs(config)
     files = list_safetensors(folder)
     buffers = convert_tensors(
-        iter_safetensors(files), specs, dtype=dtype, skip_unimplemented=skip_unimplemented, progress=progress
+        iter_safetensors(files), specs, dtype=dtype, skip_absent_components=skip_absent_components, progress=progress
     )
     flat_shardings = flatten(shardings) if shardings is not None else {}
     out = {}
@@ -230,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--src", required=True, help="Hugging Face checkpoint folder (config.json + *.safetensors)")
     parser.add_argument("--dst", required=True, help="output folder for the omni_jax checkpoint")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    parser.add_argument("--skip-unimplemented", action="store_true",
-                        help="skip (with a listing) the keys of components this build does not implement")
+    parser.add_argument("--skip-absent-components", action="store_true",
+                        help="skip (with a listing) the keys of components the configuration leaves out")
     args = parser.parse_args(argv)
 
     from omni_jax import checkpoint  # noqa: PLC0415
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(1 for _ in iter_safetensors(files))
         specs = model_specs(config)
         buffers = convert_tensors(
-            iter_safetensors(files), specs, dtype=args.dtype, skip_unimplemented=args.skip_unimplemented,
+            iter_safetensors(files), specs, dtype=args.dtype, skip_absent_components=args.skip_absent_components,
             progress=True, total=total,
         )
     except (CheckpointError, FileNotFoundError, ValueError) as e:

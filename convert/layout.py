@@ -26,15 +26,25 @@ import numpy as np
 
 from omni_jax.nn.params import ParamSpec, flatten
 
-__all__ = ["Slot", "FusedSlot", "hub_layout", "fused_layout", "normalize_key", "UNIMPLEMENTED_PREFIXES"]
+__all__ = ["Slot", "FusedSlot", "hub_layout", "fused_layout", "normalize_key", "COMPONENT_PREFIXES", "absent_component"]
 
-# Checkpoint key prefixes of components a build may not implement yet, by component name.
-UNIMPLEMENTED_PREFIXES = {
+# Checkpoint key prefixes of the components a configuration may leave out, by component name: a
+# Thinking or Captioner configuration has no talker and no Code2Wav, while the Instruct checkpoint
+# carries them. Their keys are then reported by component, and dropped only on request.
+COMPONENT_PREFIXES = {
     "audio tower": "thinker.audio_tower.",
     "vision encoder": "thinker.visual.",
     "talker": "talker.",
     "code2wav": "code2wav.",
 }
+
+
+def absent_component(key: str, expected_keys) -> str | None:
+    """The name of the component `key` belongs to if the model has no parameter of it, else None."""
+    for name, prefix in COMPONENT_PREFIXES.items():
+        if key.startswith(prefix):
+            return None if any(k.startswith(prefix) for k in expected_keys) else name
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from omni_jax import checkpoint, generate as gen, positions, sharding, thinker
+from omni_jax import audio_encoder, checkpoint, code2wav, generate as gen, positions, sharding, thinker, vision_encoder
+from omni_jax import talker as talker_lib
 from omni_jax.config import OmniConfig, Runtime, load_config
 from omni_jax.nn import decoder
 from omni_jax.nn.params import abstract_params, init_params
@@ -30,8 +31,17 @@ MULTIMODAL_KEYS = (
 
 
 def model_specs(config: OmniConfig) -> dict:
-    """ParamSpec tree of the implemented components (top-level keys as in the hub checkpoint)."""
-    return {"thinker": thinker.thinker_specs(config.thinker_config)}
+    """ParamSpec tree of every component the configuration has (top-level keys as in the hub checkpoint).
+
+    The thinker (with its audio tower and vision encoder) always; the talker (with its code
+    predictor) and Code2Wav when the configuration has them (Instruct, not Thinking/Captioner).
+    """
+    specs = {"thinker": thinker.thinker_specs(config.thinker_config)}
+    if config.talker_config is not None:
+        specs["talker"] = talker_lib.talker_specs(config.talker_config)
+    if config.code2wav_config is not None:
+        specs["code2wav"] = code2wav.code2wav_specs(config.code2wav_config)
+    return specs
 
 
 @dataclasses.dataclass
@@ -44,6 +54,25 @@ class GenerateOutput:
 
 def _bucket(length: int, multiple: int = 32) -> int:
     return max(multiple, -(-length // multiple) * multiple)
+
+
+def _row_bucket(n: int) -> int:
+    """Rows rounded up to four sizes per octave (<= 25% padding), at least 16."""
+    if n <= 16:
+        return 16
+    step = 1 << max(0, (n - 1).bit_length() - 3)
+    return -(-n // step) * step
+
+
+def _pad_rows(x, axis: int = 0):
+    """Pads encoder outputs along `axis` to `_row_bucket` rows so the thinker compiles per bucket, not per
+    media size (`thinker.scatter_rows` reads only as many rows as there are placeholders)."""
+    if x is None:
+        return None
+    n = x.shape[axis]
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, _row_bucket(n) - n)
+    return jnp.pad(x, widths)
 
 
 class OmniModel:
@@ -73,12 +102,14 @@ class OmniModel:
         unknown = set(multimodal) - set(MULTIMODAL_KEYS)
         if unknown:
             raise TypeError(f"unexpected keyword arguments {sorted(unknown)}; multimodal inputs are {MULTIMODAL_KEYS}")
-        given = [k for k in MULTIMODAL_KEYS if multimodal.get(k) is not None and k != "use_audio_in_video"]
-        if given:
-            raise NotImplementedError(
-                f"multimodal inputs {given} are not supported by this build yet: the audio and vision encoders "
-                "are not implemented; pass text input_ids only"
-            )
+        pairs = (("input_features", "feature_attention_mask"), ("pixel_values", "image_grid_thw"),
+                 ("pixel_values_videos", "video_grid_thw"))
+        for data, meta in pairs:
+            if (multimodal.get(data) is None) != (multimodal.get(meta) is None):
+                raise ValueError(f"{data} and {meta} come together (as the processor returns them); got only one")
+        if multimodal.get("pixel_values_videos") is not None and multimodal.get("video_second_per_grid") is None:
+            raise ValueError("pixel_values_videos needs video_second_per_grid (seconds per temporal grid step, "
+                             "from the processor)")
         input_ids = np.asarray(input_ids)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
@@ -94,22 +125,75 @@ class OmniModel:
             raise ValueError("attention_mask must be left-padded (zeros only before the first real token of a row)")
         return input_ids.astype(np.int32), attention_mask
 
+    # ----------------------------------------------------------------------------------- media
+    def _encode_media(self, input_ids: np.ndarray, multimodal: dict[str, Any]) -> thinker.MediaEmbeds | None:
+        """Runs the audio and vision encoders; outputs padded to row buckets (see `_pad_rows`)."""
+        if not any(multimodal.get(k) is not None for k in ("input_features", "pixel_values", "pixel_values_videos")):
+            return None
+        cfg, rt = self.config.thinker_config, self.runtime
+        p = self.params["thinker"]
+        audio = image = video = image_ds = video_ds = None
+
+        def check_count(name, token_id, rows):
+            expected = int(np.sum(input_ids == token_id))
+            if rows != expected:
+                raise ValueError(
+                    f"{name}: the encoder produced {rows} embeddings but input_ids hold {expected} placeholder "
+                    f"tokens (id {token_id}); build input_ids and the media with the same processor call"
+                )
+
+        if multimodal.get("input_features") is not None:
+            audio, counts = audio_encoder.encode_batched(
+                p["audio_tower"], np.asarray(multimodal["input_features"], np.float32),
+                np.asarray(multimodal["feature_attention_mask"]), cfg.audio_config, rt)
+            check_count("audio", cfg.audio_token_id, int(np.sum(counts)))
+        if multimodal.get("pixel_values") is not None:
+            image, image_ds = vision_encoder.encode(
+                p["visual"], np.asarray(multimodal["pixel_values"], np.float32),
+                np.asarray(multimodal["image_grid_thw"]), cfg.vision_config, rt)
+            check_count("images", cfg.image_token_id, image.shape[0])
+        if multimodal.get("pixel_values_videos") is not None:
+            video, video_ds = vision_encoder.encode(
+                p["visual"], np.asarray(multimodal["pixel_values_videos"], np.float32),
+                np.asarray(multimodal["video_grid_thw"]), cfg.vision_config, rt)
+            check_count("videos", cfg.video_token_id, video.shape[0])
+        pad = _pad_rows
+        return thinker.MediaEmbeds(
+            audio=pad(audio), image=pad(image), video=pad(video),
+            image_deepstack=pad(image_ds, axis=1), video_deepstack=pad(video_ds, axis=1),
+        )
+
+    def _positions(self, input_ids, attention_mask, multimodal) -> np.ndarray:
+        """(3, B, S) float32 TM-RoPE position ids (text-only rows: the plain text rule)."""
+        if any(multimodal.get(k) is not None for k in ("input_features", "pixel_values", "pixel_values_videos")):
+            return positions.position_ids_for_inputs(input_ids, attention_mask, self.config.thinker_config,
+                                                     **multimodal)[0]
+        return positions.text_position_ids(attention_mask)[0]
+
     # ----------------------------------------------------------------------------------- logits
     @functools.cached_property
     def _logits_fn(self):
         cfg, rt = self.config.thinker_config, self.runtime
 
-        @jax.jit
-        def fn(params, input_ids, attention_mask, position_ids):
-            return thinker.forward(params, input_ids, attention_mask, position_ids, cfg, rt).logits
+        @functools.partial(jax.jit, static_argnames=("use_deepstack",))
+        def fn(params, input_ids, attention_mask, position_ids, media, use_deepstack=True):
+            return thinker.forward(params, input_ids, attention_mask, position_ids, cfg, rt, media=media,
+                                   use_deepstack=use_deepstack).logits
 
         return fn
 
-    def thinker_logits(self, input_ids, attention_mask=None, **multimodal) -> np.ndarray:
-        """Full logits (B, S, vocab) as float32 numpy; left-padded rows are supported."""
+    def thinker_logits(self, input_ids, attention_mask=None, *, use_deepstack: bool = True, **multimodal) -> np.ndarray:
+        """Full logits (B, S, vocab) as float32 numpy; left-padded rows are supported.
+
+        `**multimodal` takes the reference processor's keys (`input_features`, `feature_attention_mask`,
+        `pixel_values`, `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`,
+        `video_second_per_grid`, `use_audio_in_video`). `use_deepstack=False` is an ablation.
+        """
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, multimodal)
-        position_ids, _ = positions.text_position_ids(attention_mask)
-        logits = self._logits_fn(self.params["thinker"], input_ids, attention_mask, position_ids)
+        media = self._encode_media(input_ids, multimodal)
+        position_ids = self._positions(input_ids, attention_mask, multimodal)
+        logits = self._logits_fn(self.params["thinker"], input_ids, attention_mask, position_ids, media,
+                                 use_deepstack=use_deepstack)
         return np.asarray(logits.astype(jnp.float32))
 
     # ----------------------------------------------------------------------------------- generate
@@ -118,25 +202,34 @@ class OmniModel:
         cfg, rt = self.config.thinker_config, self.runtime
         dims = thinker.text_dims(cfg)
 
-        @functools.partial(jax.jit, static_argnames=("max_len",))
-        def fn(params, input_ids, attention_mask, position_ids, max_len):
+        @functools.partial(jax.jit, static_argnames=("max_len", "capture_layer"))
+        def fn(params, input_ids, attention_mask, position_ids, media, max_len, capture_layer=None):
+            """-> (last logits (B, V), cache, states (B, S, 2, D) = [embeddings, hidden_states[capture_layer]]
+            or None)."""
             dtype = jnp.dtype(rt.dtype)
             cache = decoder.init_cache(dims, input_ids.shape[0], max_len, dtype)
             x = thinker.embed_tokens(params, input_ids, dtype)
-            out = decoder.prefill(params["model"], x, position_ids, attention_mask, dims, rt, cache=cache)
+            deepstack = None
+            if media is not None:
+                x, deepstack = thinker.merge_media(x, input_ids, media, cfg)
+            out = decoder.prefill(params["model"], x, position_ids, attention_mask, dims, rt, cache=cache,
+                                  deepstack_nbsd=deepstack, capture_layer=capture_layer)
             logits = thinker.lm_logits(params, out.hidden[:, -1:])[:, 0]
-            return logits, out.cache
+            states = None if capture_layer is None else jnp.stack([x, out.captured], axis=2)
+            return logits, out.cache, states
 
         return fn
 
-    def _thinker_step(self, params, tokens_b, positions_3b1, cache, cache_index, key_valid):
+    def _thinker_step(self, params, tokens_b, positions_3b1, cache, cache_index, key_valid, capture_layer=None):
         cfg, rt = self.config.thinker_config, self.runtime
         dtype = jnp.dtype(rt.dtype)
         x = thinker.embed_tokens(params, tokens_b[:, None], dtype)
         out = decoder.decode(
-            params["model"], x, positions_3b1, cache, cache_index, key_valid, thinker.text_dims(cfg), rt
+            params["model"], x, positions_3b1, cache, cache_index, key_valid, thinker.text_dims(cfg), rt,
+            capture_layer=capture_layer,
         )
-        return thinker.lm_logits(params, out.hidden)[:, 0], out.cache
+        states = None if capture_layer is None else jnp.stack([x[:, 0], out.captured[:, 0]], axis=1)
+        return thinker.lm_logits(params, out.hidden)[:, 0], out.cache, states
 
     def generate(
         self,
@@ -153,23 +246,23 @@ class OmniModel:
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         return_audio: bool = False,
-        speaker: str = "Ethan",
+        speaker: str | list[str] = "Ethan",
+        max_audio_frames: int = 4096,
         **multimodal,
     ) -> GenerateOutput:
         """Generates up to `max_new_tokens` per row (left-padded batch), greedy or sampled.
 
         eos_token_id defaults to `<|im_end|>`; pad_token_id defaults to the text config's pad id, else
         the first EOS id. Returns numpy `sequences` (B, S + max_new_tokens).
+        `**multimodal`: the reference processor's keys, as in `thinker_logits`.
+        return_audio: also speak the answer (talker -> code predictor -> Code2Wav) with `speaker` (one
+        name or one per row); `out.audio` holds one 24 kHz waveform per row, `out.codes` the codec frames.
+        do_sample=False makes the speech greedy too; sampling uses the reference's talker defaults.
         """
-        del speaker
-        if return_audio:
-            raise NotImplementedError(
-                "speech output (talker, code predictor, Code2Wav) is not implemented in this build; "
-                "call generate(..., return_audio=False)"
-            )
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, multimodal)
+        speakers = self._check_speech(return_audio, speaker, input_ids.shape[0])
         sampling = gen.SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty)
         eos_ids = (self.config.im_end_token_id,) if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
         if pad_token_id is None:
@@ -186,11 +279,16 @@ class OmniModel:
         pad = bucket - prompt_len
         ids_b = np.pad(input_ids, ((0, 0), (pad, 0)), constant_values=pad_token_id)
         mask_b = np.pad(attention_mask, ((0, 0), (pad, 0)))
-        position_ids, _ = positions.text_position_ids(mask_b)
+        position_ids = self._positions(ids_b, mask_b, multimodal)
+        media = self._encode_media(ids_b, multimodal)
         max_len = bucket + max_new_tokens
+        # Speech needs the thinker's input embeddings and `accept_hidden_layer` states of every token:
+        # captured during prefill and decode rather than recomputed afterwards.
+        capture_layer = self.config.talker_config.accept_hidden_layer if return_audio else None
 
         params = self.params["thinker"]
-        logits, cache = self._prefill_fn(params, ids_b, mask_b, position_ids, max_len=max_len)
+        logits, cache, prompt_states = self._prefill_fn(params, ids_b, mask_b, position_ids, media,
+                                                        max_len=max_len, capture_layer=capture_layer)
         vocab = self.config.text.vocab_size
         # The reference's repetition penalty sees the prompt as given (its padding included).
         seen = np.zeros((batch, vocab), bool)
@@ -212,10 +310,12 @@ class OmniModel:
             key_valid=key_valid,
             next_position=jnp.asarray(position_ids[:, :, -1] + 1.0),
             key=key,
+            captured=None if capture_layer is None else jnp.zeros(
+                (batch, max_new_tokens) + prompt_states.shape[2:], prompt_states.dtype),
         )
         state = gen.decode_loop(
-            state, params, step_fn=self._thinker_step, prompt_len=bucket, sampling=sampling,
-            eos_ids=eos_ids, pad_id=int(pad_token_id),
+            state, params, step_fn=functools.partial(self._thinker_step, capture_layer=capture_layer),
+            prompt_len=bucket, sampling=sampling, eos_ids=eos_ids, pad_id=int(pad_token_id),
         )
         steps = int(state.step)
         tokens = np.array(state.tokens)
@@ -223,7 +323,35 @@ class OmniModel:
         num_generated = np.where(
             np.any(np.isin(tokens, eos_ids), axis=1), np.argmax(np.isin(tokens, eos_ids), axis=1) + 1, steps
         )
-        return GenerateOutput(sequences=np.concatenate([input_ids, tokens], axis=1), num_generated=num_generated)
+        sequences = np.concatenate([input_ids, tokens], axis=1)
+        if not return_audio:
+            return GenerateOutput(sequences=sequences, num_generated=num_generated)
+        from omni_jax import speech  # noqa: PLC0415
+
+        states = jnp.concatenate([prompt_states[:, pad:], state.captured], axis=1)  # (B, S + new, 2, D)
+        speech_out = speech.speak(
+            self.params, self.config, self.runtime, prompt_ids=input_ids, prompt_mask=attention_mask,
+            sequences=sequences, thinker_embeds=states[:, :, 0], thinker_hidden=states[:, :, 1],
+            speakers=speakers, greedy=not do_sample, seed=seed, max_frames=max_audio_frames,
+            multimodal=multimodal,
+        )
+        return GenerateOutput(sequences=sequences, audio=speech_out.audio, codes=speech_out.codes,
+                              num_generated=num_generated)
+
+    def _check_speech(self, return_audio: bool, speaker, batch: int) -> list[str] | None:
+        if not return_audio:
+            return None
+        if self.config.talker_config is None or self.config.code2wav_config is None or not self.config.enable_audio_output:
+            raise ValueError(
+                "this checkpoint has no talker/Code2Wav (a Thinking or Captioner model, or enable_audio_output "
+                "is false): it generates text only; call generate(..., return_audio=False)"
+            )
+        speakers = [speaker] * batch if isinstance(speaker, str) else list(speaker)
+        if len(speakers) != batch:
+            raise ValueError(f"speaker: got {len(speakers)} names for a batch of {batch}; give one name or one per row")
+        for name in speakers:
+            talker_lib.speaker_token_id(self.config.talker_config, name)  # raises listing the valid speakers
+        return speakers
 
 
 def load_pretrained(
@@ -232,12 +360,12 @@ def load_pretrained(
     mesh=None,
     *,
     runtime: Runtime | None = None,
-    skip_unimplemented: bool = False,
+    skip_absent_components: bool = False,
 ) -> OmniModel:
     """Loads a Hugging Face checkpoint folder (config.json + *.safetensors) or a converted one.
 
     dtype: parameter and compute dtype ("bfloat16" or "float32").
-    skip_unimplemented: a Hugging Face checkpoint's keys of components this build does not implement
+    skip_absent_components: a Hugging Face checkpoint's keys of components the configuration leaves out
       are an error listing them, unless this is set.
     """
     path = os.fspath(path)
@@ -256,6 +384,6 @@ def load_pretrained(
         from convert.hf_to_jax import convert_checkpoint  # noqa: PLC0415
 
         params = convert_checkpoint(
-            path, config, dtype=runtime.param_dtype, skip_unimplemented=skip_unimplemented, shardings=shardings
+            path, config, dtype=runtime.param_dtype, skip_absent_components=skip_absent_components, shardings=shardings
         )
     return OmniModel(config, params, runtime, mesh)

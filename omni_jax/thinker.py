@@ -22,8 +22,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from omni_jax.audio_encoder import audio_encoder_specs
 from omni_jax.config import Runtime, ThinkerConfig
 from omni_jax.nn import decoder
+from omni_jax.vision_encoder import vision_encoder_specs
 from omni_jax.nn.params import ParamSpec
 
 __all__ = [
@@ -44,6 +46,8 @@ def thinker_specs(cfg: ThinkerConfig) -> dict:
     return {
         "model": model,
         "lm_head": {"kernel": ParamSpec((text.hidden_size, text.vocab_size), ("embed", "vocab"), std=std)},
+        "audio_tower": audio_encoder_specs(cfg.audio_config),
+        "visual": vision_encoder_specs(cfg.vision_config),
     }
 
 

@@ -55,7 +55,7 @@ def reference_and_params(name: str, seed: int = 0):
     ref = reference_model(config, seed=seed)
     randomize_(ref, seed)
     params = unflatten(
-        convert_tensors(state_dict_tensors(ref), model_specs(config), dtype="float32", skip_unimplemented=True)
+        convert_tensors(state_dict_tensors(ref), model_specs(config), dtype="float32", skip_absent_components=True)
     )
     return config, ref, params
 

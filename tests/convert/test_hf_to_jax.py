@@ -1,4 +1,4 @@
-"""Converter: both checkpoint layouts, strict-key errors, unimplemented components, round trips."""
+"""Converter: both checkpoint layouts, strict-key errors, components the config leaves out, round trips."""
 
 import json
 import os
@@ -39,9 +39,8 @@ def test_hub_layout_loads_and_matches_reference(hub_checkpoint, rng):
         with safetensors.safe_open(name, "pt") as f:
             keys.update(f.keys())
     assert "thinker.model.layers.0.mlp.experts.0.gate_proj.weight" in keys  # really the hub layout
-    with pytest.raises(CheckpointError, match="(?s)audio tower: 45 keys.*vision encoder: 63 keys"):
-        omni_jax.load_pretrained(folder, dtype="float32")
-    model = omni_jax.load_pretrained(folder, dtype="float32", skip_unimplemented=True)
+    assert any(k.startswith("thinker.audio_tower.") for k in keys) and any(k.startswith("thinker.visual.") for k in keys)
+    model = omni_jax.load_pretrained(folder, dtype="float32")  # strict: every key, encoders included
     ids, mask = left_padded_batch(rng, 2, 16, config.text.vocab_size, pads=(0, 3))
     np.testing.assert_allclose(_logits(model, ids, mask)[mask == 1], _expected_logits(ref, ids, mask)[mask == 1],
                                atol=2e-6, rtol=1e-5)
@@ -53,8 +52,8 @@ def test_transformers5_fused_layout_loads(tmp_path, hub_checkpoint, rng):
     assert any(k.endswith("experts.gate_up_proj") for k in state)  # really the fused in-memory layout
     safetensors.torch.save_file(state, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(open(os.path.join(hub, "config.json")).read())
-    fused = omni_jax.load_pretrained(tmp_path, dtype="float32", skip_unimplemented=True)
-    per_expert = omni_jax.load_pretrained(hub, dtype="float32", skip_unimplemented=True)
+    fused = omni_jax.load_pretrained(tmp_path, dtype="float32")
+    per_expert = omni_jax.load_pretrained(hub, dtype="float32")
     for a, b in zip(np.asarray(fused.params["thinker"]["model"]["layers"]["mlp"]["experts"]["up_proj"]),
                     np.asarray(per_expert.params["thinker"]["model"]["layers"]["mlp"]["experts"]["up_proj"])):
         np.testing.assert_array_equal(a, b)
@@ -76,8 +75,11 @@ def _convert(tensors, config, **kw):
 def test_strict_errors_name_the_keys(hub_checkpoint):
     config, ref, _ = hub_checkpoint
     tensors = _tensors(ref)
-    thinker_only = {k: v for k, v in tensors.items() if "audio_tower" not in k and "visual" not in k}
-    _convert(thinker_only, config)  # nothing else is needed
+    _convert(tensors, config)  # every key consumed, audio tower and vision encoder included
+    thinker_only = tensors
+    without_tower = {k: v for k, v in tensors.items() if "audio_tower" not in k}
+    with pytest.raises(CheckpointError, match=r"missing .*\n.*thinker\.audio_tower\."):
+        _convert(without_tower, config)
 
     broken = dict(thinker_only)
     del broken["thinker.model.language_model.layers.1.self_attn.k_norm.weight"]
@@ -93,20 +95,22 @@ def test_strict_errors_name_the_keys(hub_checkpoint):
     with pytest.raises(CheckpointError, match=r"thinker\.lm_head\.weight: checkpoint shape \(512, 63\), model expects \(512, 64\)"):
         _convert(broken, config)
 
-    with pytest.raises(CheckpointError, match="audio tower"):
-        _convert(tensors, config)
-    _convert(tensors, config, skip_unimplemented=True)
+    # A checkpoint with a talker and Code2Wav under a text-only configuration (Thinking/Captioner).
+    with_speech = dict(tensors, **{"talker.model.norm.weight": np.ones(4, np.float32),
+                                   "code2wav.pre_transformer.norm.weight": np.ones(4, np.float32)})
+    with pytest.raises(CheckpointError, match="(?s)leaves out.*talker: 1 keys.*code2wav: 1 keys"):
+        _convert(with_speech, config)
+    _convert(with_speech, config, skip_absent_components=True)
 
 
 def test_cli_converts_to_orbax_and_back_to_hub_layout(hub_checkpoint, tmp_path, rng):
     config, ref, hub = hub_checkpoint
     dst = tmp_path / "jax"
-    assert hf_to_jax.main(["--src", hub, "--dst", str(dst), "--dtype", "float32"]) == 2  # unimplemented keys
-    assert hf_to_jax.main(["--src", hub, "--dst", str(dst), "--dtype", "float32", "--skip-unimplemented"]) == 0
+    assert hf_to_jax.main(["--src", hub, "--dst", str(dst), "--dtype", "float32"]) == 0
     assert json.loads((dst / "omni_jax.json").read_text())["format"] == 1
     converted = omni_jax.load_pretrained(dst, dtype="float32")
     ids, mask = left_padded_batch(rng, 2, 12, config.text.vocab_size, pads=(0, 2))
-    direct = omni_jax.load_pretrained(hub, dtype="float32", skip_unimplemented=True)
+    direct = omni_jax.load_pretrained(hub, dtype="float32")
     np.testing.assert_array_equal(_logits(converted, ids, mask), _logits(direct, ids, mask))
 
     # omni_jax -> hub layout -> omni_jax is the identity on every implemented tensor.
@@ -114,12 +118,17 @@ def test_cli_converts_to_orbax_and_back_to_hub_layout(hub_checkpoint, tmp_path, 
     assert jax_to_hf.main(["--src", str(dst), "--dst", str(back)]) == 0
     with safetensors.safe_open(str(back / "model.safetensors"), "np") as f:
         exported = {k: f.get_tensor(k) for k in f.keys()}
-    originals = _tensors(ref)
+    from convert.layout import normalize_key
+
+    originals = {normalize_key(k): v for k, v in _tensors(ref).items()}
+    compared = 0
     for key, value in exported.items():
-        original = originals.get(key.replace("thinker.model.", "thinker.model.language_model.", 1), originals.get(key))
-        if original is None:  # per-expert keys: the reference keeps them fused in memory
+        if ".mlp.experts." in key:  # per-expert keys: the reference keeps them fused in memory
             continue
-        np.testing.assert_array_equal(value, original, err_msg=key)
+        np.testing.assert_array_equal(value, originals[key], err_msg=key)
+        compared += 1
+    per_expert = sum(1 for k in originals if k.endswith(("gate_up_proj", "experts.down_proj")))
+    assert compared == len(originals) - per_expert  # every other tensor, the encoders' included
     again = omni_jax.load_pretrained(back, dtype="float32")
     np.testing.assert_array_equal(_logits(again, ids, mask), _logits(converted, ids, mask))
 
