@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.layout import FusedSlot, absent_component, Slot, fused_layout, hub_layout, normalize_key
+from convert.layout import FusedSlot, absent_component, absent_prefixes, Slot, fused_layout, hub_layout, normalize_key
 from omni_jax.config import OmniConfig, load_config
 from omni_jax.nn.params import flatten, unflatten
 
@@ -138,7 +138,7 @@ def convert_tensors(
     Shapes are checked before a tensor is read; all problems are gathered and raised together.
     """
     asm = _Assembler(spec_tree, dtype)
-    expected_keys = list(asm.hub) + list(asm.fused)
+    absent = absent_prefixes(list(asm.hub) + list(asm.fused))
     unused: list[str] = []
     misshaped: list[str] = []
     duplicate: list[str] = []
@@ -157,7 +157,7 @@ def convert_tensors(
         seen.add(key)
         slot = asm.hub.get(key) or asm.fused.get(key)
         if slot is None:
-            component = absent_component(key, expected_keys)
+            component = absent_component(key, absent)
             if component is not None:
                 skipped[component].append(raw_key)
             else:

@@ -26,7 +26,7 @@ import numpy as np
 
 from omni_jax.nn.params import ParamSpec, flatten
 
-__all__ = ["Slot", "FusedSlot", "hub_layout", "fused_layout", "normalize_key", "COMPONENT_PREFIXES", "absent_component"]
+__all__ = ["Slot", "FusedSlot", "hub_layout", "fused_layout", "normalize_key", "COMPONENT_PREFIXES", "absent_prefixes", "absent_component"]
 
 # Checkpoint key prefixes of the components a configuration may leave out, by component name: a
 # Thinking or Captioner configuration has no talker and no Code2Wav, while the Instruct checkpoint
@@ -39,12 +39,15 @@ COMPONENT_PREFIXES = {
 }
 
 
-def absent_component(key: str, expected_keys) -> str | None:
-    """The name of the component `key` belongs to if the model has no parameter of it, else None."""
-    for name, prefix in COMPONENT_PREFIXES.items():
-        if key.startswith(prefix):
-            return None if any(k.startswith(prefix) for k in expected_keys) else name
-    return None
+def absent_prefixes(expected_keys) -> dict[str, str]:
+    """{component name: key prefix} of the components the model has no parameter of (computed once)."""
+    present = {name for name, prefix in COMPONENT_PREFIXES.items() if any(k.startswith(prefix) for k in expected_keys)}
+    return {name: prefix for name, prefix in COMPONENT_PREFIXES.items() if name not in present}
+
+
+def absent_component(key: str, absent: dict[str, str]) -> str | None:
+    """The name of the absent component (`absent_prefixes`) that `key` belongs to, else None."""
+    return next((name for name, prefix in absent.items() if key.startswith(prefix)), None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from convert.layout import (  # noqa: E402
-    COMPONENT_PREFIXES, FusedSlot, absent_component, fused_layout, hub_layout, normalize_key,
+    FusedSlot, absent_component, absent_prefixes, fused_layout, hub_layout, normalize_key,
 )
 from omni_jax.config import OmniConfig, preset  # noqa: E402
 from omni_jax.nn.params import flatten  # noqa: E402
@@ -156,11 +156,7 @@ def account(keys: dict[str, tuple[int, ...]], spec_tree: dict) -> Accounting:
     specs = flatten(spec_tree)
     hub = hub_layout(spec_tree)
     fused = fused_layout(spec_tree)
-    # `absent_component` asks whether any expected key starts with a component prefix; the prefixes have
-    # at most two dotted parts, so the expected keys' two-part stems answer the same, without a scan
-    # of every expected key per unmatched key.
-    assert all(p.count(".") <= 2 and p.endswith(".") for p in COMPONENT_PREFIXES.values())
-    expected = sorted({".".join(k.split(".")[:2]) + "." for k in list(hub) + list(fused)})
+    absent_by_prefix = absent_prefixes(list(hub) + list(fused))
     filled: dict[tuple[str, tuple[int, ...]], str] = {}
     unmapped, misshaped, duplicates = [], [], []
     absent: dict[str, list[str]] = collections.defaultdict(list)
@@ -183,7 +179,7 @@ def account(keys: dict[str, tuple[int, ...]], spec_tree: dict) -> Accounting:
         key = normalize_key(raw)
         slot = hub.get(key) or fused.get(key)
         if slot is None:
-            component = absent_component(key, expected)
+            component = absent_component(key, absent_by_prefix)
             (absent[component] if component else unmapped).append(raw)
             continue
         if tuple(shape) != tuple(slot.source_shape):

@@ -165,14 +165,10 @@ def test_instruct_checkpoint_into_thinker_only_config(layout):
 
 def test_convert_tensors_reports_left_out_components_at_full_size():
     """`convert_tensors` itself on the full-size Thinking specs, fed Instruct talker/Code2Wav keys: they
-    match no parameter, so no tensor is read and nothing is allocated.
-
-    Layer 0 and expert 0 of each stack only: `convert.layout.absent_component` scans every expected
-    key for each unmatched key, so all 8,000 talker keys would take ~100 s here.
+    match no parameter, so no tensor is read and nothing is allocated (all 8,267 of them).
     """
     hub = _keys(INSTRUCT, "hub")
-    later = re.compile(r"\.(layers|experts)\.[1-9]\d*\.")
-    left_out = {k: s for k, s in hub.items() if k.startswith(("talker.", "code2wav.")) and not later.search(k)}
+    left_out = {k: s for k, s in hub.items() if k.startswith(("talker.", "code2wav."))}
     n_talker = sum(k.startswith("talker.") for k in left_out)
     assert n_talker > 50 and len(left_out) - n_talker > 50
 
