@@ -211,7 +211,8 @@ class VisionEncoderConfig:
 
     def to_hf_dict(self):
         out = _to_dict(self)
-        out.pop("rope_theta")
+        # transformers 5 reads the vision rotary base from `rope_parameters` (type "axial").
+        out["rope_parameters"] = {"rope_type": "axial", "rope_theta": out.pop("rope_theta")}
         return out
 
 
