@@ -97,11 +97,14 @@ def _has_media_positions(multimodal: dict) -> bool:
     if multimodal.get("feature_attention_mask") is not None or multimodal.get("audio_feature_lengths") is not None:
         return True
     return any(
-        multimodal.get(k) is not None and np.asarray(multimodal[k]).size > 0 for k in ("image_grid_thw", "video_grid_thw")
+        multimodal.get(k) is not None and np.asarray(multimodal[k]).size > 0
+        for k in ("image_grid_thw", "video_grid_thw")
     )
 
 
-def talker_position_ids(input_ids_bs, attention_mask_bs, config: OmniConfig, multimodal: dict | None = None) -> np.ndarray:
+def talker_position_ids(
+    input_ids_bs, attention_mask_bs, config: OmniConfig, multimodal: dict | None = None
+) -> np.ndarray:
     """(3, B, S) float32 talker M-RoPE positions for the talker prompt ids (`TalkerInputPlan.input_ids`).
 
     Without media (no grids, no audio lengths): 1-D `cumsum(mask) - 1`. With media: `get_rope_index`
@@ -382,7 +385,8 @@ def stream_speak(
     b = run.inputs.embeds.shape[0]
     max_frames = run.max_new_tokens - 1
     state = _start(params, config, rt, run)
-    decoder = code2wav.StreamingDecoder(params["code2wav"], cfg, rt, batch=b)
+    # Every push holds at most chunk_frames frames: one compiled decoder step for the whole stream.
+    decoder = code2wav.StreamingDecoder(params["code2wav"], cfg, rt, batch=b, buckets=(chunk_frames,))
     lengths: list[int | None] = [None] * b  # frames before each row's codec EOS, once known
     emitted = np.zeros(b, np.int64)  # samples yielded per row
     finished = np.zeros(b, bool)

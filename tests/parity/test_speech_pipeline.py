@@ -37,7 +37,7 @@ from omni_jax.config import preset
 from tests.conftest import FP32
 from tests.parity.test_talker_parity import _left_pad, _pick_eos
 
-# max |difference| <= 1e-5 x max |reference| (measured: see test_waveforms_match).
+# max |difference| <= 1e-5 x max |reference| (measured: ~5e-7 for every waveform).
 TOLERANCE = 1e-5
 NEWLINE = 198
 THINKER_NEW_TOKENS = 10
@@ -172,8 +172,8 @@ def _scenario(kind: str):
         assert codec_eos is not None, "no codec EOS candidate; change the seed"
         captured, sequences, wavs = _reference_generate(ref, ids, mask, media, thinker_eos, codec_eos, suppress)
     return dict(ids=ids, mask=mask, media=media, suppress=suppress, thinker_eos=thinker_eos, codec_eos=codec_eos,
-                thinker=captured["thinker"], codes=captured["codes"], talker_tokens=captured["talker"].sequences.numpy(),
-                sequences=sequences, wavs=wavs)
+                thinker=captured["thinker"], codes=captured["codes"],
+                talker_tokens=captured["talker"].sequences.numpy(), sequences=sequences, wavs=wavs)
 
 
 def _speak_kwargs(sc, rows=None):
@@ -254,3 +254,107 @@ def test_waveforms_match(kind):
         assert scale > 1e-3, "a silent reference proves nothing"
         err = np.abs(got - exp).max()
         assert err <= TOLERANCE * scale, f"{kind} row {row}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def test_image_prompt_needs_the_media_positions():
+    """The image row's codes depend on the talker's M-RoPE image positions: with 1-D text positions
+    (no grid passed) they differ from the reference's."""
+    config, _, params = _model()
+    sc = _scenario("image")
+    kwargs = _speak_kwargs(sc)
+    kwargs["multimodal"] = {}
+    text_positions = speech.speak(params, config, FP32, **kwargs)
+    expected = _reference_codes(sc)[0]
+    assert text_positions.codes[0].shape != expected.shape or not np.array_equal(text_positions.codes[0], expected)
+
+
+def test_streaming_equals_the_seamless_decode():
+    """`stream_speak` in chunks of 4 frames: per row, the concatenated audio is the full causal decode of
+    the row's frames (`speak(chunked=False)`), each row ends once with `final`, and it streams."""
+    config, _, params = _model()
+    sc = _scenario("text")
+    full = _ours("text", chunked=False)
+    chunks = list(speech.stream_speak(params, config, FP32, chunk_frames=4, **_speak_kwargs(sc)))
+    cfg = config.code2wav_config
+    for row in range(BATCH):
+        mine = [c for c in chunks if c.row == row]
+        assert [c.final for c in mine].count(True) == 1 and mine[-1].final
+        audio = np.concatenate([c.audio for c in mine])
+        expected = full.audio[row]
+        assert expected.shape == (code2wav.output_length(cfg, full.codes[row].shape[1]),)
+        assert audio.shape == expected.shape, (row, audio.shape, expected.shape)
+        scale = np.abs(expected).max()
+        assert np.abs(audio - expected).max() <= TOLERANCE * scale
+        assert sum(c.audio.size > 0 for c in mine) >= 2, "audio arrives in several chunks"
+    # The seamless decode keeps the samples the reference's chunked decode cuts at each call's end.
+    assert full.audio[0].shape[0] == _ours("text").audio[0].shape[0]  # one chunk (< 300 frames): same length
+    np.testing.assert_array_equal(full.codes[0], _ours("text").codes[0])
+
+
+def test_answer_of_one_token():
+    """A prompt whose whole answer is the EOS token: the reference fails on it alone (its 9-position prefix
+    needs the first reply token's embedding, which it never computed); we speak it as the batched
+    reference speaks such a row (image scenario, row 1)."""
+    config, ref, params = _model()
+    sc = _scenario("image")
+    pad = int((sc["mask"][1] == 0).sum())
+    ids, mask = sc["ids"][1:, pad:], sc["mask"][1:, pad:]
+    with _one_thread(), pytest.raises(RuntimeError, match="size of tensor"):
+        _reference_generate(ref, ids, mask, {}, sc["thinker_eos"], sc["codec_eos"], sc["suppress"])
+    kwargs = _speak_kwargs(sc, [1, 1])
+    prefill = sc["thinker"].hidden_states[0]
+    kwargs.update(
+        prompt_ids=np.repeat(ids, 2, 0), prompt_mask=np.repeat(mask, 2, 0),
+        sequences=np.repeat(np.concatenate([ids, [[sc["thinker_eos"]]]], 1), 2, 0),
+        thinker_embeds=np.repeat(prefill[0].numpy()[1:, pad:], 2, 0),
+        thinker_hidden=np.repeat(prefill[config.talker_config.accept_hidden_layer].numpy()[1:, pad:], 2, 0),
+        multimodal={},
+    )
+    out = speech.speak(params, config, FP32, **kwargs)
+    batched = _ours("image")
+    for row in range(BATCH):
+        np.testing.assert_array_equal(out.codes[row], batched.codes[1])
+        scale = np.abs(batched.audio[1]).max()
+        assert out.audio[row].shape == batched.audio[1].shape
+        assert np.abs(out.audio[row] - batched.audio[1]).max() <= TOLERANCE * scale
+
+
+def test_talker_positions_for_audio_and_image():
+    """Audio + image in a user turn: the reference's talker `get_rope_index` reads a talker `audio_config`
+    that does not exist; ours equals the reference *thinker's* `get_rope_index` on the talker's ids."""
+    config, ref, _ = _model()
+    c, tc = config, config.thinker_config
+    n_image = int(np.prod(IMAGE_GRID)) // 4
+    audio = [tc.audio_start_token_id] + [tc.audio_token_id] * 13 + [tc.audio_end_token_id]  # 100 mel frames
+    image = [tc.vision_start_token_id] + [tc.image_token_id] * n_image + [tc.vision_end_token_id]
+    rows = [[c.im_start_token_id, c.user_token_id, NEWLINE, 7] + audio + [8] + image + [9, c.im_end_token_id, NEWLINE,
+             c.im_start_token_id, c.assistant_token_id, NEWLINE],
+            [c.im_start_token_id, c.user_token_id, NEWLINE] + image + [c.im_end_token_id, NEWLINE, c.im_start_token_id,
+             c.assistant_token_id, NEWLINE]]
+    ids, mask = _left_pad(rows)
+    plan = talker.plan_talker_inputs(ids, mask, np.concatenate([ids, np.full((2, 3), 5)], 1), config)
+    grid = np.array([IMAGE_GRID, IMAGE_GRID], np.int64)
+    fam = np.ones((1, 100), np.int64)
+    ours = speech.talker_position_ids(plan.input_ids, plan.attention_mask, config,
+                                      {"image_grid_thw": grid, "feature_attention_mask": fam})
+    args = (torch.tensor(plan.input_ids).long(), torch.tensor(grid), None, torch.tensor(plan.attention_mask))
+    with pytest.raises(AttributeError, match="audio_config"):
+        ref.talker.get_rope_index(*args, False, torch.tensor([100]))
+    expected, _ = ref.thinker.get_rope_index(*args, False, torch.tensor([100]))
+    valid = plan.attention_mask.astype(bool)
+    np.testing.assert_array_equal(ours[:, valid], expected.numpy()[:, valid])
+    assert not np.array_equal(ours, talker.text_position_ids(plan.attention_mask))
+
+
+def test_errors():
+    config, _, params = _model()
+    kwargs = _speak_kwargs(_scenario("text"))
+    with pytest.raises(ValueError, match="unknown speaker 'Bob'; valid speakers: aiden, chelsie, ethan"):
+        speech.speak(params, config, FP32, **{**kwargs, "speakers": ["Ethan", "Bob"]})
+    with pytest.raises(ValueError, match="one name or one per row"):
+        speech.speak(params, config, FP32, **{**kwargs, "speakers": ["Ethan"] * 3})
+    text_only = config.replace(talker_config=None, code2wav_config=None, enable_audio_output=False)
+    with pytest.raises(ValueError, match="no talker/Code2Wav"):
+        speech.speak(params, text_only, FP32, **kwargs)
+    with pytest.raises(ValueError, match="must start with prompt_ids"):
+        speech.speak(params, config, FP32, **{**kwargs, "sequences": kwargs["sequences"][::-1]})
