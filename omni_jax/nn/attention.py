@@ -24,15 +24,22 @@ _MASKED = -1e30  # finite: a fully masked row stays NaN-free
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_bqk: jax.Array, scale: float) -> jax.Array:
     """Reference attention with an explicit boolean mask (B, Sq, Sk). Returns (B, Sq, Hq, D)."""
     b, sq, hq, d = q.shape
-    hkv = k.shape[2]
+    sk, hkv = k.shape[1], k.shape[2]
     groups = hq // hkv
-    q5 = q.reshape(b, sq, hkv, groups, d)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q5, k, preferred_element_type=jnp.float32) * scale
+    # Heads-major layout, the query groups of a KV head stacked along the rows: every product is
+    # then a plain batched 2-D matmul ((groups * Sq, D) x (D, Sk)), which XLA:CPU runs well; the
+    # 5-D einsum form measured ~1.5-2x slower per vision layer.
+    q_bhrd = q.reshape(b, sq, hkv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, groups * sq, d)
+    k_bhkd = k.transpose(0, 2, 1, 3)
+    v_bhkd = v.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("bhrd,bhkd->bhrk", q_bhrd, k_bhkd, preferred_element_type=jnp.float32) * scale
+    logits = logits.reshape(b, hkv, groups, sq, sk)
     mask = mask_bqk[:, None, None, :, :]
     logits = jnp.where(mask, logits, _MASKED)
     probs = jax.nn.softmax(logits, axis=-1)
-    probs = jnp.where(mask, probs, 0.0).astype(v.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v, preferred_element_type=jnp.float32)
+    probs = jnp.where(mask, probs, 0.0).astype(v.dtype).reshape(b, hkv, groups * sq, sk)
+    out = jnp.einsum("bhrk,bhkd->bhrd", probs, v_bhkd, preferred_element_type=jnp.float32)
+    out = out.reshape(b, hkv, groups, sq, d).transpose(0, 3, 1, 2, 4)
     return out.reshape(b, sq, hq, d).astype(q.dtype)
 
 
