@@ -293,6 +293,15 @@ def _advance(params, config: OmniConfig, rt: Runtime, run: TalkerRun, state, unt
     )
 
 
+def _collect(state: talker.TalkerState, eos: int) -> talker.TalkerCodes:
+    """`talker.collect_codes`, also when every row's first token is the codec EOS (no frame at all)."""
+    if int(state.step) > 0:
+        return talker.collect_codes(state, eos)
+    b, _, groups = state.codes.shape
+    return talker.TalkerCodes(np.zeros((b, groups, 0), np.int32), np.zeros(b, np.int64),
+                              np.asarray(state.tokens)[:, :1])
+
+
 def speak(
     params: dict,
     config: OmniConfig,
@@ -352,7 +361,7 @@ def speak(
     )
     state = _start(params, config, rt, run)
     state = _advance(params, config, rt, run, state, run.max_new_tokens)
-    out = talker.collect_codes(state, run.eos)
+    out = _collect(state, run.eos)
     audio = code2wav.decode_batch(params["code2wav"], out.codes, out.lengths, config.code2wav_config, rt,
                                   chunked=chunked)
     codes = [np.ascontiguousarray(out.codes[r, :, : int(n)]) for r, n in enumerate(out.lengths)]

@@ -358,3 +358,17 @@ def test_errors():
         speech.speak(params, text_only, FP32, **kwargs)
     with pytest.raises(ValueError, match="must start with prompt_ids"):
         speech.speak(params, config, FP32, **{**kwargs, "sequences": kwargs["sequences"][::-1]})
+
+
+def test_codec_eos_at_once_gives_empty_audio():
+    """With the reference's default suppression, a 96-entry talker vocabulary allows only the codec EOS:
+    every row ends before its first frame (the reference then fails stacking zero frames). We return
+    empty audio and (Q, 0) codes, offline and streamed."""
+    config, _, params = _model()
+    kwargs = {**_speak_kwargs(_scenario("text")), "suppress_tokens": None, "codec_eos_token_id": None}
+    out = speech.speak(params, config, FP32, **kwargs)
+    groups = config.talker_config.num_code_groups
+    assert [c.shape for c in out.codes] == [(groups, 0)] * BATCH
+    assert [a.shape for a in out.audio] == [(0,)] * BATCH
+    chunks = list(speech.stream_speak(params, config, FP32, chunk_frames=4, **kwargs))
+    assert [(c.row, c.audio.shape, c.final) for c in chunks] == [(r, (0,), True) for r in range(BATCH)]
