@@ -222,3 +222,102 @@ def test_batched_equals_single_rows():
         got = model.thinker_logits(ids, single_mask, **media)[0]
         err = _max_rel_error(got, batched[row][mask[row].astype(bool)])
         assert err <= LOGIT_TOLERANCE, f"row {row}: single vs batched {err:.2e}"
+
+
+def test_deepstack_disabled_differs_at_and_after_visual_tokens():
+    """use_deepstack=False (an ablation) leaves every position before a row's first visual token and
+    every row without visual tokens as they were, and changes the rest far beyond the tolerance;
+    the enabled path is the one that matches the reference (`test_mixed_batch_logits_match_reference`)."""
+    c = _setup()[0].thinker_config
+    ids, mask, _ = _inputs("A")
+    on, off = _our_logits("A"), _our_logits("A", use_deepstack=False)
+    scale = np.abs(_reference_logits("A")[mask.astype(bool)]).max()
+    visual = (ids == c.image_token_id) | (ids == c.video_token_id)
+    assert visual[[0, 1, 3]].any(1).all() and not visual[2].any()
+    for row in range(len(ids)):
+        valid = mask[row].astype(bool)
+        after = np.cumsum(visual[row]) > 0  # at or after the row's first visual token
+        same = valid & ~after
+        assert np.abs(on[row][same] - off[row][same]).max() <= LOGIT_TOLERANCE * scale, f"row {row} before"
+        if after.any():
+            # every position from the first visual token on moves by more than 1000x the tolerance
+            per_position = np.abs(on[row][after] - off[row][after]).max(-1)
+            assert per_position.min() > 1e-2 * scale, f"row {row}: {per_position.min() / scale:.2e}"
+
+
+def test_greedy_generate_matches_reference():
+    """model.generate on batch A (every media kind) equals the reference thinker's greedy generate,
+    token for token (prefill on the merged media, decode with the rope deltas); the EOS id is picked
+    among our own greedy tokens so that rows stop at different steps."""
+    config, ref, model = _setup()
+    ids, mask, media = _inputs("A")
+    steps = 6
+    probe = model.generate(ids, mask, max_new_tokens=steps, eos_token_id=config.text.vocab_size - 1, pad_token_id=0,
+                           **media).sequences[:, ids.shape[1]:]
+    first_seen = {}
+    for row in probe:
+        for i, token in enumerate(row.tolist()):
+            first_seen[token] = min(first_seen.get(token, i), i)
+    # The earliest token that is not a first token: some row stops after >= 2 tokens, others go on.
+    eos = min((t for t in first_seen if first_seen[t] >= 1), key=lambda t: (first_seen[t], t))
+    out = model.generate(ids, mask, max_new_tokens=steps, eos_token_id=eos, pad_token_id=0, **media)
+    assert len(set(out.num_generated.tolist())) > 1, out.num_generated
+    with torch.no_grad():
+        expected = ref.thinker.generate(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=steps, do_sample=False,
+            eos_token_id=eos, pad_token_id=0, **_torch_kwargs(media),
+        ).numpy()
+    assert expected.shape[1] > ids.shape[1] + 1
+    np.testing.assert_array_equal(out.sequences[:, : expected.shape[1]], expected)
+    assert (out.sequences[:, expected.shape[1]:] == 0).all()
+
+
+def _replace_one(ids, mask, token_id, new_id):
+    """A copy of ids with the first real `token_id` replaced by `new_id`."""
+    ids = ids.copy()
+    where = np.argwhere((ids == token_id) & (mask == 1))[0]
+    ids[tuple(where)] = new_id
+    return ids
+
+
+@pytest.mark.parametrize("kind", ["image", "video", "audio"])
+def test_placeholder_count_mismatch_is_a_clear_error(kind):
+    config, _, model = _setup()
+    c = config.thinker_config
+    ids, mask, media = _inputs("A")
+    token = {"image": c.image_token_id, "video": c.video_token_id, "audio": c.audio_token_id}[kind]
+    fewer = _replace_one(ids, mask, token, 7)
+    with pytest.raises(ValueError, match=r"placeholder"):
+        model.thinker_logits(fewer, mask, **media)
+    with pytest.raises(ValueError, match=r"placeholder"):
+        model.generate(fewer, mask, max_new_tokens=1, **media)
+    # One too many: a text token of the text-only row turned into a placeholder.
+    more = ids.copy()
+    more[2, -1] = token
+    with pytest.raises(ValueError, match=r"placeholder"):
+        model.thinker_logits(more, mask, **media)
+
+
+def test_placeholders_without_their_media_are_a_clear_error():
+    """Audio placeholders in input_ids but only images given."""
+    _, _, model = _setup()
+    ids, mask, media = _inputs("A")
+    images_only = {k: media[k] for k in ("pixel_values", "image_grid_thw")}
+    with pytest.raises(ValueError, match="audio"):
+        model.thinker_logits(ids, mask, **images_only)
+
+
+def test_incomplete_media_keys_are_clear_errors():
+    _, _, model = _setup()
+    ids, mask, media = _inputs("B")
+    for drop, needs in (("image_grid_thw", "pixel_values"), ("pixel_values", "image_grid_thw"),
+                        ("video_grid_thw", "pixel_values_videos"), ("feature_attention_mask", "input_features"),
+                        ("video_second_per_grid", "video_second_per_grid")):
+        partial = {k: v for k, v in media.items() if k != drop}
+        with pytest.raises(ValueError, match=needs):
+            model.thinker_logits(ids, mask, **partial)
+    short = dict(media, pixel_values=media["pixel_values"][:-1])
+    with pytest.raises(ValueError, match="pixel_values has"):
+        model.thinker_logits(ids, mask, **short)
+    with pytest.raises(TypeError, match="pixel_value"):
+        model.thinker_logits(ids, mask, pixel_value=media["pixel_values"])
