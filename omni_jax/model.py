@@ -247,7 +247,7 @@ class OmniModel:
         pad_token_id: int | None = None,
         return_audio: bool = False,
         speaker: str | list[str] = "Ethan",
-        max_audio_frames: int = 4096,
+        max_audio_frames: int = 4095,
         **multimodal,
     ) -> GenerateOutput:
         """Generates up to `max_new_tokens` per row (left-padded batch), greedy or sampled.
@@ -282,8 +282,9 @@ class OmniModel:
         position_ids = self._positions(ids_b, mask_b, multimodal)
         media = self._encode_media(ids_b, multimodal)
         max_len = bucket + max_new_tokens
-        # Speech needs the thinker's input embeddings and `accept_hidden_layer` states of every token:
-        # captured during prefill and decode rather than recomputed afterwards.
+        # Speech needs the thinker's input embeddings and `accept_hidden_layer` states at the prompt
+        # positions (the reference's talker reads no hidden state of a generated token; their input
+        # embeddings are token embeddings): captured during prefill rather than recomputed.
         capture_layer = self.config.talker_config.accept_hidden_layer if return_audio else None
 
         params = self.params["thinker"]
@@ -310,12 +311,10 @@ class OmniModel:
             key_valid=key_valid,
             next_position=jnp.asarray(position_ids[:, :, -1] + 1.0),
             key=key,
-            captured=None if capture_layer is None else jnp.zeros(
-                (batch, max_new_tokens) + prompt_states.shape[2:], prompt_states.dtype),
         )
         state = gen.decode_loop(
-            state, params, step_fn=functools.partial(self._thinker_step, capture_layer=capture_layer),
-            prompt_len=bucket, sampling=sampling, eos_ids=eos_ids, pad_id=int(pad_token_id),
+            state, params, step_fn=self._thinker_step, prompt_len=bucket, sampling=sampling,
+            eos_ids=eos_ids, pad_id=int(pad_token_id),
         )
         steps = int(state.step)
         tokens = np.array(state.tokens)
@@ -328,12 +327,12 @@ class OmniModel:
             return GenerateOutput(sequences=sequences, num_generated=num_generated)
         from omni_jax import speech  # noqa: PLC0415
 
-        states = jnp.concatenate([prompt_states[:, pad:], state.captured], axis=1)  # (B, S + new, 2, D)
+        states = prompt_states[:, pad:]  # (B, S, 2, D)
         speech_out = speech.speak(
             self.params, self.config, self.runtime, prompt_ids=input_ids, prompt_mask=attention_mask,
             sequences=sequences, thinker_embeds=states[:, :, 0], thinker_hidden=states[:, :, 1],
             speakers=speakers, greedy=not do_sample, seed=seed, max_frames=max_audio_frames,
-            multimodal=multimodal,
+            multimodal=multimodal, thinker_eos_token_id=eos_ids,
         )
         return GenerateOutput(sequences=sequences, audio=speech_out.audio, codes=speech_out.codes,
                               num_generated=num_generated)

@@ -236,8 +236,8 @@ def speaker_token_id(cfg: TalkerConfig, speaker: str) -> int:
 def default_suppress_tokens(cfg: TalkerConfig) -> tuple[int, ...]:
     """The reference's suppressed codebook-0 ids: `[vocab - 1024, vocab)` except the codec EOS.
 
-    With a vocabulary of at most 1024 (tiny test configs) this leaves only EOS; pass an explicit list
-    (e.g. `range(code_predictor vocab, vocab)` minus EOS) there, as the reference's `talker_suppress_tokens`.
+    With a vocabulary of at most 1024 this would leave only EOS (the tiny preset uses 32 + 1024 ids,
+    the real layout, to avoid that); pass an explicit list there, as the reference's `talker_suppress_tokens`.
     """
     v = cfg.text_config.vocab_size
     return tuple(i for i in range(max(0, v - 1024), v) if i != cfg.codec_eos_token_id)
@@ -619,7 +619,7 @@ def collect_codes(state: TalkerState, eos_token_id: int) -> TalkerCodes:
     tokens = np.asarray(state.tokens)[:, : frames + 1]
     codes = np.asarray(state.codes)[:, :frames]
     is_eos = tokens[:, :frames] == eos_token_id
-    lengths = np.where(is_eos.any(-1), is_eos.argmax(-1), frames)
+    lengths = np.where(is_eos.any(-1), is_eos.argmax(-1) if frames else 0, frames)
     codes = np.where(np.arange(frames)[None, :, None] < lengths[:, None, None], codes, 0)
     return TalkerCodes(np.ascontiguousarray(codes.transpose(0, 2, 1)).astype(np.int32), lengths, tokens)
 
