@@ -16,6 +16,14 @@ Measured, best of `--repeats` after a warm-up (omni_jax compile time is printed 
                     compared with the reference's chunked decode at chunk 25, context 25, which
                     recomputes everything per chunk)
 Prints seconds, the real-time factor (audio seconds / compute seconds) and the speed ratio ours/ref.
+
+Recorded 2026-05 on the 2-core shared CPU box (load average 6-8 from other jobs, so +-30%):
+  small, 10 s, --threads 1: full 0.95 s vs 1.36 s (1.4x), chunked 0.80 vs 1.05 (1.3x), stream 1.18 vs
+  2.27 (1.9x); --threads 2: 1.44 vs 4.97 (3.4x), 1.51 vs 6.28 (4.2x), 1.74 vs 15.2 (8.8x; torch's
+  threads suffer most from the contention). full, 4 s, --threads 1: 11-13 s vs 14-28 s (1.2-2.2x).
+  Both are bound by the decoder's dense convolutions (Eigen vs oneDNN) once SnakeBeta's sine and the
+  depthwise conv are vectorised (see nn/conv.py); the streaming gain is the reference recomputing
+  every chunk from scratch.
 """
 
 from __future__ import annotations
