@@ -142,6 +142,12 @@ class OmniModel:
                     f"tokens (id {token_id}); build input_ids and the media with the same processor call"
                 )
 
+        for name, key, token_id in (("audio", "input_features", cfg.audio_token_id),
+                                    ("images", "pixel_values", cfg.image_token_id),
+                                    ("videos", "pixel_values_videos", cfg.video_token_id)):
+            if multimodal.get(key) is None and (count := int(np.sum(input_ids == token_id))):
+                raise ValueError(f"input_ids hold {count} {name} placeholder tokens (id {token_id}) but no {key} "
+                                 "was given")
         if multimodal.get("input_features") is not None:
             audio, counts = audio_encoder.encode_batched(
                 p["audio_tower"], np.asarray(multimodal["input_features"], np.float32),
@@ -248,6 +254,7 @@ class OmniModel:
         return_audio: bool = False,
         speaker: str | list[str] = "Ethan",
         max_audio_frames: int = 4095,
+        talker_suppress_tokens=None,
         **multimodal,
     ) -> GenerateOutput:
         """Generates up to `max_new_tokens` per row (left-padded batch), greedy or sampled.
@@ -258,6 +265,8 @@ class OmniModel:
         return_audio: also speak the answer (talker -> code predictor -> Code2Wav) with `speaker` (one
         name or one per row); `out.audio` holds one 24 kHz waveform per row, `out.codes` the codec frames.
         do_sample=False makes the speech greedy too; sampling uses the reference's talker defaults.
+        talker_suppress_tokens: codebook-0 ids the talker may not emit (default: the reference's
+        `[vocab - 1024, vocab)` minus the codec EOS, which for the tiny preset leaves only EOS).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -332,7 +341,7 @@ class OmniModel:
             self.params, self.config, self.runtime, prompt_ids=input_ids, prompt_mask=attention_mask,
             sequences=sequences, thinker_embeds=states[:, :, 0], thinker_hidden=states[:, :, 1],
             speakers=speakers, greedy=not do_sample, seed=seed, max_frames=max_audio_frames,
-            multimodal=multimodal, thinker_eos_token_id=eos_ids,
+            multimodal=multimodal, thinker_eos_token_id=eos_ids, suppress_tokens=talker_suppress_tokens,
         )
         return GenerateOutput(sequences=sequences, audio=speech_out.audio, codes=speech_out.codes,
                               num_generated=num_generated)

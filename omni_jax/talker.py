@@ -236,8 +236,8 @@ def speaker_token_id(cfg: TalkerConfig, speaker: str) -> int:
 def default_suppress_tokens(cfg: TalkerConfig) -> tuple[int, ...]:
     """The reference's suppressed codebook-0 ids: `[vocab - 1024, vocab)` except the codec EOS.
 
-    With a vocabulary of at most 1024 this would leave only EOS (the tiny preset uses 32 + 1024 ids,
-    the real layout, to avoid that); pass an explicit list there, as the reference's `talker_suppress_tokens`.
+    With a vocabulary of at most 1024 (the tiny preset) this leaves only EOS; pass an explicit list
+    there (e.g. `range(code predictor vocab, vocab)` minus EOS), as the reference's `talker_suppress_tokens`.
     """
     v = cfg.text_config.vocab_size
     return tuple(i for i in range(max(0, v - 1024), v) if i != cfg.codec_eos_token_id)
