@@ -353,9 +353,22 @@ def load_assets(args):
     return assets, image, video
 
 
-def has_speech(model) -> bool:
-    c = model.config
-    return c.talker_config is not None and c.code2wav_config is not None and bool(c.enable_audio_output)
+def has_speech(config) -> bool:
+    return config.talker_config is not None and config.code2wav_config is not None and bool(config.enable_audio_output)
+
+
+def check_speaker(args) -> None:
+    """--speaker must name a voice of the checkpoint (from its configuration; raises otherwise)."""
+    if args.speaker is None or args.no_audio:
+        return
+    import omni_jax  # noqa: PLC0415
+    from omni_jax import talker  # noqa: PLC0415
+
+    config = omni_jax.load_config(args.ckpt) if args.ckpt else omni_jax.preset(args.preset or "tiny")
+    if not has_speech(config):
+        raise ValueError(f"--speaker {args.speaker!r}: this checkpoint has no talker (a Thinking or Captioner model): "
+                         "it writes text only; drop --speaker or pass --no-audio")
+    talker.speaker_token_id(config.talker_config, args.speaker)
 
 
 def talker_suppress_tokens(config) -> tuple[int, ...] | None:
@@ -505,16 +518,10 @@ def main(argv=None) -> int:
         return 2
     try:
         raw_requests = read_requests(args.requests)
-        model, what = load_model(args)
+        check_speaker(args)  # these two before the (slow) model load
         assets, image_settings, video_settings = load_assets(args)
-        speech_ok = has_speech(model)
-        if args.speaker is not None and not args.no_audio:
-            if not speech_ok:
-                raise ValueError(f"--speaker {args.speaker!r}: this checkpoint has no talker (a Thinking or Captioner "
-                                 "model): it writes text only; drop --speaker or pass --no-audio")
-            from omni_jax import talker  # noqa: PLC0415
-
-            talker.speaker_token_id(model.config.talker_config, args.speaker)
+        model, what = load_model(args)
+        speech_ok = has_speech(model.config)
     except Exception as e:  # noqa: BLE001 - report any start-up failure plainly
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -149,12 +149,14 @@ def workdir(tmp_path_factory):
         {"id": "unknown-voice", "speaker": "Nobody", "messages": user(text("hello"))},
     ]
     (root / "requests.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    few = [x for x in lines if x["id"] in ("image", "corrupt-audio", "unknown-voice", "ids-no-header")]
+    (root / "few.jsonl").write_text("".join(json.dumps(x) + "\n" for x in few))
     return root
 
 
-def run_infer(root, out, *args):
+def run_infer(root, out, *args, requests="requests.jsonl"):
     cmd = [sys.executable, os.path.join(ROOT, "infer.py"), "--preset", "tiny", "--tokenizer", str(root / "tok"),
-           "--requests", str(root / "requests.jsonl"), "--out", str(root / out), "--greedy", "--max-new-tokens", "4",
+           "--requests", str(root / requests), "--out", str(root / out), "--greedy", "--max-new-tokens", "4",
            "--max-audio-frames", "8", *args]
     # Run from elsewhere: media paths must resolve against the requests file, not the working directory.
     proc = subprocess.run(cmd, cwd=str(root / "tok"), capture_output=True, text=True, timeout=900,
@@ -235,11 +237,56 @@ def test_stream_writes_the_same_audio_and_reports_first_packet(workdir, offline,
     assert "time_to_first_audio_s" not in reference["audio"]
 
 
-def test_no_audio_writes_no_wav(workdir):
-    proc, results = run_infer(workdir, "text_only", "--no-audio")
+@pytest.fixture(scope="module")
+def text_only(workdir):
+    return run_infer(workdir, "text_only", "--no-audio", requests="few.jsonl")
+
+
+API = """
+import json, sys, numpy as np, omni_jax
+from omni_jax.processing import load_text_assets, process_messages
+root = sys.argv[1]
+assets = load_text_assets(root + '/tok')
+model = omni_jax.OmniModel.random(omni_jax.preset('tiny'), seed=0,
+                                  runtime=omni_jax.Runtime(dtype='float32', param_dtype='float32'))
+out = {}
+for line in open(root + '/requests.jsonl'):
+    r = json.loads(line)
+    if r['id'] not in ('audio', 'image', 'video-with-sound'):
+        continue
+    for m in r['messages']:
+        for c in m['content']:
+            if c['type'] != 'text':
+                c[c['type']] = root + '/' + c[c['type']]
+    uav = r.get('use_audio_in_video', False)
+    inputs = process_messages([r['messages']], assets, use_audio_in_video=uav)
+    ids, mask = inputs.pop('input_ids'), inputs.pop('attention_mask')
+    g = model.generate(ids, mask, max_new_tokens=4, **inputs)
+    out[r['id']] = g.sequences[0, ids.shape[1]:].tolist()
+print(json.dumps(out))
+"""
+
+
+def test_batched_cli_results_equal_the_python_api_on_each_request_alone(workdir, offline, text_only):
+    """infer.py batches media requests (speech batch: audio, image, chat-text, voice-chelsie; text batch:
+    image, unknown-voice, ids-no-header) and collates their media; each row's greedy tokens must be those
+    of `process_messages` + `model.generate` on the request alone."""
+    proc = subprocess.run([sys.executable, "-c", API, str(workdir)], capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=os.environ.get(
+                              "OMNI_JAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/omni_jax/xla"))))
+    assert proc.returncode == 0, proc.stderr
+    api = json.loads(proc.stdout.splitlines()[-1])
+    for rid in ("audio", "image", "video-with-sound"):
+        assert offline[1][rid]["generated_ids"] == api[rid], rid
+    assert text_only[1]["image"]["generated_ids"] == api["image"]
+
+
+def test_no_audio_writes_no_wav(workdir, text_only):
+    proc, results = text_only
     assert proc.returncode == 1, proc.stderr
     assert not [f for f in os.listdir(workdir / "text_only") if f.endswith(".wav")]
-    for rid in GOOD:
-        assert "error" not in results[rid] and "audio" not in results[rid]
+    for rid in ("image", "ids-no-header"):
+        assert "error" not in results[rid] and "audio" not in results[rid] and "note" not in results[rid]
+        assert len(results[rid]["generated_ids"]) == 4
     assert "error" not in results["unknown-voice"]  # request speakers are ignored with --no-audio
     assert "corrupt.wav" in results["corrupt-audio"]["error"]
