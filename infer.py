@@ -133,7 +133,7 @@ def parse_args(argv=None):
                    help="write each wav progressively and report the time to the first audio packet")
     p.add_argument("--chunk-frames", type=int, default=8, help="codec frames per streamed audio packet (default: 8)")
     p.add_argument("--max-audio-frames", type=int, default=None,
-                   help=f"codec frames per request at most (12.5 per second; default: 4096, {PRESET_AUDIO_FRAMES} "
+                   help=f"codec frames per request at most (12.5 per second; default: 4095 (the reference's), {PRESET_AUDIO_FRAMES} "
                         "for presets)")
     p.add_argument("--skip-absent-components", action="store_true",
                    help="load a checkpoint even if it holds components its configuration leaves out")
@@ -318,6 +318,8 @@ def load_model(args):
 
     cache_dir = os.environ.get("OMNI_JAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/omni_jax/xla"))
     jax.config.update("jax_compilation_cache_dir", cache_dir)
+    # Cache every program: the many small ones (media buckets, talker and vocoder steps) add up at start-up.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     if args.ckpt:
         dtype = args.dtype or "bfloat16"
         model = omni_jax.load_pretrained(args.ckpt, dtype=dtype, skip_absent_components=args.skip_absent_components)
@@ -448,7 +450,7 @@ def run_batch(model, batch: list[Request], args, sampling: dict, seed: int, asse
     ids, mask, media = collate(batch, pad)
     width = ids.shape[1]
     want_audio = batch[0].speaker is not None
-    frames = args.max_audio_frames or (PRESET_AUDIO_FRAMES if not args.ckpt else 4096)
+    frames = args.max_audio_frames or (PRESET_AUDIO_FRAMES if not args.ckpt else 4095)
     start = time.perf_counter()
     stream = want_audio and args.stream
     with _speech_arguments() if stream else contextlib.nullcontext() as captured:
