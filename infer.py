@@ -133,8 +133,8 @@ def parse_args(argv=None):
                    help="write each wav progressively and report the time to the first audio packet")
     p.add_argument("--chunk-frames", type=int, default=8, help="codec frames per streamed audio packet (default: 8)")
     p.add_argument("--max-audio-frames", type=int, default=None,
-                   help=f"codec frames per request at most (12.5 per second; default: 4095 (the reference's), {PRESET_AUDIO_FRAMES} "
-                        "for presets)")
+                   help="codec frames per request at most (12.5 per second; default: 4095, the reference's; "
+                        f"{PRESET_AUDIO_FRAMES} for presets)")
     p.add_argument("--skip-absent-components", action="store_true",
                    help="load a checkpoint even if it holds components its configuration leaves out")
     return p.parse_args(argv)

@@ -112,7 +112,8 @@ def test_chat_messages_with_a_checkpoint_tokenizer(tmp_path):
     ckpt = tmp_path / "ckpt"
     run_python(  # a Thinking-like checkpoint: no talker, no Code2Wav
         "import jax, omni_jax\nfrom omni_jax import checkpoint\n"
-        "config = omni_jax.preset('tiny').replace(talker_config=None, code2wav_config=None, enable_audio_output=False)\n"
+        "config = omni_jax.preset('tiny').replace(talker_config=None, code2wav_config=None,\n"
+        "                                         enable_audio_output=False)\n"
         "model = omni_jax.OmniModel.random(config, seed=3, runtime=omni_jax.Runtime(dtype='float32', "
         "param_dtype='float32'))\n"
         f"checkpoint.save_params({str(ckpt)!r}, jax.device_get(model.params), config, 'float32')\n", cwd=tmp_path)

@@ -90,7 +90,8 @@ def write_video(path, fps=4, seconds=2, size=(64, 64), audio_sr=16000):
             container.mux(packet)
         wav = np.ascontiguousarray(tone(seconds, audio_sr, channels=2).T)
         for k in range(0, wav.shape[1], 1024):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wav[:, k : k + 1024]), format="fltp", layout="stereo")
+            piece = np.ascontiguousarray(wav[:, k : k + 1024])
+            frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout="stereo")
             frame.sample_rate, frame.pts = audio_sr, k
             for packet in aus.encode(frame):
                 container.mux(packet)
