@@ -80,6 +80,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--thinker-tokens", type=int, default=8)
     args = parser.parse_args()
+    if args.threads == 1:  # one core each (as bench/code2wav_cpu.py): steadier figures on a shared machine
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
     load_start = _load()
 
     import jax
@@ -114,8 +116,12 @@ def main() -> int:
     ids = np.array([prompt], np.int64)
     mask = np.ones_like(ids)
 
-    thinker_generate = ref.thinker.generate
+    thinker_generate, chunked_decode = ref.thinker.generate, ref.code2wav.chunked_decode
     captured = {"thinker_s": 0.0}
+
+    def decode_spy(codes, **k):
+        captured["codes"] = codes.numpy().copy()
+        return chunked_decode(codes, **k)
 
     def thinker_spy(*a, **k):
         t0 = time.perf_counter()
@@ -124,7 +130,7 @@ def main() -> int:
         return captured["thinker"]
 
     def reference_run():
-        ref.thinker.generate = thinker_spy
+        ref.thinker.generate, ref.code2wav.chunked_decode = thinker_spy, decode_spy
         try:
             with torch.no_grad():
                 t0 = time.perf_counter()
@@ -136,7 +142,7 @@ def main() -> int:
                 )
                 total = time.perf_counter() - t0
         finally:
-            del ref.thinker.generate
+            del ref.thinker.generate, ref.code2wav.chunked_decode
         wav = (wavs[0] if isinstance(wavs, list) else wavs).reshape(-1).numpy()
         return total - captured["thinker_s"], wav
 
@@ -189,15 +195,39 @@ def main() -> int:
     print(f"omni_jax first speak (compile + run): {first_s:.1f} s; reference thinker generate "
           f"{captured['thinker_s']:.2f} s (excluded)")
     scale = float(np.abs(ref_wav).max())
-    print(f"waveforms: {samples} samples each; max |ours - ref| / max |ref| = "
-          f"{np.abs(out.audio[0] - ref_wav).max() / max(scale, 1e-30):.1e} (greedy codes may diverge over "
-          f"{args.frames} frames; timing needs the same amount of work, not the same ids)")
+    same = np.array_equal(captured["codes"][0], out.codes[0])
+    print(f"codes ({tc.num_code_groups} x {args.frames}) identical to the reference's: {same}; waveforms "
+          f"{samples} samples each, max |ours - ref| / max |ref| = "
+          f"{np.abs(out.audio[0] - ref_wav).max() / max(scale, 1e-30):.1e}"
+          + ("" if same else " (greedy ids diverged; the amount of work is still the same)"))
+
+    # Breakdown: the vocoder alone on the same codes (reference chunked_decode vs our decode_batch).
+    codes_t = torch.tensor(captured["codes"])
+    codes_np = np.asarray(out.codes[0])[None]
+    lengths = np.array([args.frames])
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.no_grad():
+        c2w_ref = best(lambda: chunked_decode(codes_t, chunk_size=300, left_context_size=25))
+    c2w_ours = best(lambda: code2wav.decode_batch(params["code2wav"], codes_np, lengths, cw, rt))
 
     t_ref, t_ours = min(ref_times), min(our_times)
     print(f"\n| side | seconds | frames/s | RTF (audio s / compute s) |")
     print("|---|---|---|---|")
     print(f"| reference (torch, {args.threads} threads) | {t_ref:.2f} | {args.frames / t_ref:.1f} | {audio_s / t_ref:.2f}x |")
     print(f"| omni_jax (XLA CPU) | {t_ours:.2f} | {args.frames / t_ours:.1f} | {audio_s / t_ours:.2f}x |")
+    print(f"| of which Code2Wav alone, ref / ours | {c2w_ref:.2f} / {c2w_ours:.2f} | | "
+          f"{audio_s / c2w_ref:.1f}x / {audio_s / c2w_ours:.1f}x |")
+    print(f"| so talker + code predictor, ref / ours | {t_ref - c2w_ref:.2f} / {t_ours - c2w_ours:.2f} | "
+          f"{args.frames / (t_ref - c2w_ref):.1f} / {args.frames / (t_ours - c2w_ours):.1f} | |")
     print(f"speed-up ours/ref: {t_ref / t_ours:.2f}x (target >= 5x); all runs: ref "
           f"{', '.join(f'{t:.2f}' for t in ref_times)} s, ours {', '.join(f'{t:.2f}' for t in our_times)} s")
     print(f"load average at end: {_load()}")
