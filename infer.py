@@ -54,7 +54,6 @@ except EOS instead (the same set as the reference's window for the published mod
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -384,29 +383,6 @@ def talker_suppress_tokens(config) -> tuple[int, ...] | None:
     return tuple(i for i in range(codes, vocab) if i != tc.codec_eos_token_id)
 
 
-@contextlib.contextmanager
-def _speech_arguments():
-    """For --stream: runs `model.generate(return_audio=True)` up to its call of `omni_jax.speech.speak` and
-    records that call's arguments (the thinker's prompt states it captured, the sequences, speakers, media
-    grids, sampling) instead of speaking, so that infer.py can hand them to `speech.stream_speak`.
-    `OmniModel.generate` has no public way yet to stream or to hand those states out."""
-    from omni_jax import speech  # noqa: PLC0415
-
-    captured: dict = {}
-    original = speech.speak
-
-    def record(params, config, rt, **kwargs):
-        captured.update(params=params, config=config, rt=rt, kwargs=kwargs)
-        b = np.asarray(kwargs["prompt_ids"]).shape[0]
-        return speech.SpeechOutput([np.zeros(0, np.float32)] * b, [np.zeros((0, 0), np.int32)] * b)
-
-    speech.speak = record
-    try:
-        yield captured
-    finally:
-        speech.speak = original
-
-
 def sampling_kwargs(args, ckpt: str | None) -> dict:
     """Decoding settings: command line, else the checkpoint's generation_config.json, else defaults."""
     defaults = {}
@@ -442,8 +418,6 @@ def run_batch(model, batch: list[Request], args, sampling: dict, seed: int, asse
     """Generates one batch (text, and speech when its requests have a speaker); returns {line: result}."""
     import soundfile  # noqa: PLC0415
 
-    from omni_jax import speech  # noqa: PLC0415
-
     config = model.config
     eos = config.im_end_token_id
     pad = assets.pad_token_id if assets is not None and assets.pad_token_id is not None else 0
@@ -453,12 +427,12 @@ def run_batch(model, batch: list[Request], args, sampling: dict, seed: int, asse
     frames = args.max_audio_frames or (PRESET_AUDIO_FRAMES if not args.ckpt else 4095)
     start = time.perf_counter()
     stream = want_audio and args.stream
-    with _speech_arguments() if stream else contextlib.nullcontext() as captured:
-        out = model.generate(ids, mask, max_new_tokens=args.max_new_tokens, seed=seed, eos_token_id=eos,
-                             return_audio=want_audio, speaker=[r.speaker for r in batch] if want_audio else "Ethan",
-                             max_audio_frames=frames,
-                             talker_suppress_tokens=talker_suppress_tokens(config) if want_audio else None,
-                             **sampling, **media)
+    out = model.generate(ids, mask, max_new_tokens=args.max_new_tokens, seed=seed, eos_token_id=eos,
+                         return_audio=("stream" if stream else True) if want_audio else False,
+                         speaker=[r.speaker for r in batch] if want_audio else "Ethan",
+                         max_audio_frames=frames, stream_chunk_frames=args.chunk_frames,
+                         talker_suppress_tokens=talker_suppress_tokens(config) if want_audio else None,
+                         **sampling, **media)
     results = {}
     for row, r in enumerate(batch):
         n = int(out.num_generated[row])
@@ -475,16 +449,10 @@ def run_batch(model, batch: list[Request], args, sampling: dict, seed: int, asse
     paths = [os.path.join(args.out, wav_name[r.line]) for r in batch]
     samples = [0] * len(batch)
     if stream:
-        if not captured:
-            raise RuntimeError("model.generate(return_audio=True) no longer calls omni_jax.speech.speak; infer.py's "
-                               "--stream path needs updating")
-        kwargs = dict(captured["kwargs"])
-        kwargs.pop("chunked", None)
         first: list[float | None] = [None] * len(batch)
         files = [soundfile.SoundFile(p, "w", samplerate=SAMPLE_RATE, channels=1, subtype="FLOAT") for p in paths]
         try:
-            for chunk in speech.stream_speak(captured["params"], captured["config"], captured["rt"],
-                                             chunk_frames=args.chunk_frames, **kwargs):
+            for chunk in out.audio_stream:
                 if chunk.audio.size:
                     files[chunk.row].write(chunk.audio)
                     files[chunk.row].flush()  # readable as it grows

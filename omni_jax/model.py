@@ -50,6 +50,7 @@ class GenerateOutput:
     audio: list[np.ndarray] | None = None  # 24 kHz float32 waveforms, when speech was asked for
     codes: np.ndarray | None = None
     num_generated: np.ndarray | None = None  # (B,) tokens generated per row, EOS included
+    audio_stream: Any = None  # with return_audio="stream": an iterator of speech.StreamChunk(row, audio, final)
 
 
 def _bucket(length: int, multiple: int = 32) -> int:
@@ -251,8 +252,9 @@ class OmniModel:
         seed: int = 0,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
-        return_audio: bool = False,
+        return_audio: bool | str = False,
         speaker: str | list[str] = "Ethan",
+        stream_chunk_frames: int = 8,
         max_audio_frames: int = 4095,
         talker_suppress_tokens=None,
         **multimodal,
@@ -264,6 +266,9 @@ class OmniModel:
         `**multimodal`: the reference processor's keys, as in `thinker_logits`.
         return_audio: also speak the answer (talker -> code predictor -> Code2Wav) with `speaker` (one
         name or one per row); `out.audio` holds one 24 kHz waveform per row, `out.codes` the codec frames.
+        return_audio="stream": the text is generated at once and `out.audio_stream` yields
+        `speech.StreamChunk(row, audio, final)` every `stream_chunk_frames` codec frames, seamless (a row's
+        chunks concatenated equal one full causal decode of its frames, not the reference's chunked seams).
         do_sample=False makes the speech greedy too; sampling uses the reference's talker defaults.
         talker_suppress_tokens: codebook-0 ids the talker may not emit (default: the reference's
         `[vocab - 1024, vocab)` minus the codec EOS, which for the tiny preset leaves only EOS).
@@ -337,16 +342,23 @@ class OmniModel:
         from omni_jax import speech  # noqa: PLC0415
 
         states = prompt_states[:, pad:]  # (B, S, 2, D)
-        speech_out = speech.speak(
-            self.params, self.config, self.runtime, prompt_ids=input_ids, prompt_mask=attention_mask,
+        speech_kwargs = dict(
+            prompt_ids=input_ids, prompt_mask=attention_mask,
             sequences=sequences, thinker_embeds=states[:, :, 0], thinker_hidden=states[:, :, 1],
             speakers=speakers, greedy=not do_sample, seed=seed, max_frames=max_audio_frames,
             multimodal=multimodal, thinker_eos_token_id=eos_ids, suppress_tokens=talker_suppress_tokens,
         )
+        if return_audio == "stream":
+            stream = speech.stream_speak(self.params, self.config, self.runtime, chunk_frames=stream_chunk_frames,
+                                         **speech_kwargs)
+            return GenerateOutput(sequences=sequences, num_generated=num_generated, audio_stream=stream)
+        speech_out = speech.speak(self.params, self.config, self.runtime, **speech_kwargs)
         return GenerateOutput(sequences=sequences, audio=speech_out.audio, codes=speech_out.codes,
                               num_generated=num_generated)
 
-    def _check_speech(self, return_audio: bool, speaker, batch: int) -> list[str] | None:
+    def _check_speech(self, return_audio, speaker, batch: int) -> list[str] | None:
+        if return_audio not in (False, True, "stream"):
+            raise ValueError(f"return_audio must be False, True or 'stream', got {return_audio!r}")
         if not return_audio:
             return None
         if self.config.talker_config is None or self.config.code2wav_config is None or not self.config.enable_audio_output:
