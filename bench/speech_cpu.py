@@ -22,7 +22,36 @@ Timed, best of `--repeats` after a warm-up:
 Prints frames/s and real-time factor (audio seconds / compute seconds; 12.5 frames per audio second at
 24 kHz) for both and the ratio ours/ref; the load average at start and end (other jobs share the CPUs).
 
-Recorded 2026-11-22 (see the table printed by the run below; filled in after the run).
+Also printed: the Code2Wav decode alone on the same codes (reference `chunked_decode` vs our
+`code2wav.decode_batch`), hence the talker + code predictor share; and whether our codes equal the
+reference's id for id (they do here: greedy on identical weights, so the waveforms agree to ~1e-6).
+`--threads 1` also runs XLA single-threaded (as bench/code2wav_cpu.py), otherwise XLA uses its pool.
+
+Recorded 2026-11-22 on the 2-core shared CPU box, 100 frames (8 s of audio, 191445 samples), best of
+2, codes identical to the reference's (16 x 100), max |wave error| / max |ref| 1.7e-6:
+
+  --threads 2 (load average 4.53 -> 3.27):
+  | side | seconds | frames/s | RTF (audio s / compute s) |
+  |---|---|---|---|
+  | reference (torch, 2 threads) | 5.31 | 18.8 | 1.51x |
+  | omni_jax (XLA CPU) | 1.09 | 91.5 | 7.32x |
+  | of which Code2Wav alone, ref / ours | 0.54 / 0.32 | | 14.7x / 25.3x |
+  | so talker + code predictor, ref / ours | 4.76 / 0.78 | 21.0 / 128.7 | |
+  speed-up ours/ref: 4.86x (target >= 5x); omni_jax first call (compile + run) 8.8 s
+
+  --threads 1, XLA single-threaded (load average 3.27 -> 2.32):
+  | reference (torch, 1 thread) | 6.30 | 15.9 | 1.27x |
+  | omni_jax (XLA CPU) | 1.16 | 86.0 | 6.88x |
+  | of which Code2Wav alone, ref / ours | 0.82 / 0.34 | | 9.7x / 23.9x |
+  | so talker + code predictor, ref / ours | 5.48 / 0.83 | 18.3 / 120.9 | |
+  speed-up ours/ref: 5.42x; omni_jax first call 10.7 s
+
+  The box is noisy: an earlier --threads 2 run of the same code at load average 5.1 -> 5.7 gave
+  reference 42.6 s vs omni_jax 3.54 s (12.0x; torch's two threads suffer most from contention), and
+  an earlier --threads 1 run (XLA multi-threaded, load 3.8 -> 4.2) 6.07 s vs 2.39 s (2.5x). Take the
+  ratio as ~5x on a quiet machine, the talker + code predictor loop ~6x (one jitted step per frame vs
+  the reference's Python generate loops: a talker step plus a 15-step code predictor `generate`), the
+  vocoder 1.5-2.5x.
 """
 
 from __future__ import annotations
