@@ -48,7 +48,8 @@ Recorded 2026-11-22 on the 2-core shared CPU box, 100 frames (8 s of audio, 1914
 
   The box is noisy: an earlier --threads 2 run of the same code at load average 5.1 -> 5.7 gave
   reference 42.6 s vs omni_jax 3.54 s (12.0x; torch's two threads suffer most from contention), and
-  an earlier --threads 1 run (XLA multi-threaded, load 3.8 -> 4.2) 6.07 s vs 2.39 s (2.5x). Take the
+  a later --threads 2 run, best of 3, load 2.0 -> 5.3 (another job started), 60.3 s vs 2.43 s (24.9x;
+  Code2Wav 4.09 vs 0.64 s), and an earlier --threads 1 run (XLA multi-threaded, load 3.8 -> 4.2) 6.07 s vs 2.39 s (2.5x). Take the
   ratio as ~5x on a quiet machine, the talker + code predictor loop ~6x (one jitted step per frame vs
   the reference's Python generate loops: a talker step plus a 15-step code predictor `generate`), the
   vocoder 1.5-2.5x.
