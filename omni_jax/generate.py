@@ -81,7 +81,6 @@ class DecodeState(NamedTuple):
     key_valid: jax.Array  # (B, S_max) bool
     next_position: jax.Array  # (3, B) fp32 position ids of the next token
     key: jax.Array  # PRNG key
-    captured: jax.Array | None = None  # (B, max_new, C, D) per-token states the step reports, if any
 
 
 def mark_seen(seen_bv: jax.Array, tokens_b: jax.Array) -> jax.Array:
@@ -110,9 +109,8 @@ def decode_loop(
 ) -> DecodeState:
     """Generates until every row is done or the output buffer is full.
 
-    step_fn(params, tokens_b, positions_3b1, cache, cache_index, key_valid) -> (logits (B, V), cache,
-    states (B, C, D) or None) runs the model on one new token per row; when `state.captured` is set,
-    the states of the token fed at step s (generated token s - 1) are stored at `captured[:, s - 1]`.
+    step_fn(params, tokens_b, positions_3b1, cache, cache_index, key_valid) -> (logits (B, V), cache)
+    runs the model on one new token per row.
     """
     max_new = state.tokens.shape[1]
 
@@ -122,12 +120,7 @@ def decode_loop(
     def body(s: DecodeState):
         cache_index = prompt_len + s.step - 1
         key_valid = s.key_valid.at[:, cache_index].set(True)
-        logits, cache, states = step_fn(
-            params, s.last_token, s.next_position[:, :, None], s.cache, cache_index, key_valid)
-        captured = s.captured
-        if captured is not None:
-            captured = jax.lax.dynamic_update_slice_in_dim(
-                captured, states[:, None].astype(captured.dtype), s.step - 1, axis=1)
+        logits, cache = step_fn(params, s.last_token, s.next_position[:, :, None], s.cache, cache_index, key_valid)
         key, sub = jax.random.split(s.key)
         token = sample_next(logits, s.seen, sub, sampling)
         token, done = finish_token(token, s.done, eos_ids, pad_id)
@@ -141,7 +134,6 @@ def decode_loop(
             key_valid=key_valid,
             next_position=s.next_position + 1.0,
             key=key,
-            captured=captured,
         )
 
     return jax.lax.while_loop(cond, body, state)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from omni_jax import audio_encoder, checkpoint, code2wav, generate as gen, positions, sharding, thinker, vision_encoder
-from omni_jax import talker as talker_lib
+from omni_jax import speech, talker as talker_lib
 from omni_jax.config import OmniConfig, Runtime, load_config
 from omni_jax.nn import decoder
 from omni_jax.nn.params import abstract_params, init_params
@@ -55,6 +55,10 @@ class GenerateOutput:
 
 def _bucket(length: int, multiple: int = 32) -> int:
     return max(multiple, -(-length // multiple) * multiple)
+
+
+def _has_media(multimodal: dict[str, Any]) -> bool:
+    return any(multimodal.get(k) is not None for k in ("input_features", "pixel_values", "pixel_values_videos"))
 
 
 def _row_bucket(n: int) -> int:
@@ -129,7 +133,7 @@ class OmniModel:
     # ----------------------------------------------------------------------------------- media
     def _encode_media(self, input_ids: np.ndarray, multimodal: dict[str, Any]) -> thinker.MediaEmbeds | None:
         """Runs the audio and vision encoders; outputs padded to row buckets (see `_pad_rows`)."""
-        if not any(multimodal.get(k) is not None for k in ("input_features", "pixel_values", "pixel_values_videos")):
+        if not _has_media(multimodal):
             return None
         cfg, rt = self.config.thinker_config, self.runtime
         p = self.params["thinker"]
@@ -172,7 +176,7 @@ class OmniModel:
 
     def _positions(self, input_ids, attention_mask, multimodal) -> np.ndarray:
         """(3, B, S) float32 TM-RoPE position ids (text-only rows: the plain text rule)."""
-        if any(multimodal.get(k) is not None for k in ("input_features", "pixel_values", "pixel_values_videos")):
+        if _has_media(multimodal):
             return positions.position_ids_for_inputs(input_ids, attention_mask, self.config.thinker_config,
                                                      **multimodal)[0]
         return positions.text_position_ids(attention_mask)[0]
@@ -227,16 +231,14 @@ class OmniModel:
 
         return fn
 
-    def _thinker_step(self, params, tokens_b, positions_3b1, cache, cache_index, key_valid, capture_layer=None):
+    def _thinker_step(self, params, tokens_b, positions_3b1, cache, cache_index, key_valid):
         cfg, rt = self.config.thinker_config, self.runtime
         dtype = jnp.dtype(rt.dtype)
         x = thinker.embed_tokens(params, tokens_b[:, None], dtype)
         out = decoder.decode(
-            params["model"], x, positions_3b1, cache, cache_index, key_valid, thinker.text_dims(cfg), rt,
-            capture_layer=capture_layer,
+            params["model"], x, positions_3b1, cache, cache_index, key_valid, thinker.text_dims(cfg), rt
         )
-        states = None if capture_layer is None else jnp.stack([x[:, 0], out.captured[:, 0]], axis=1)
-        return thinker.lm_logits(params, out.hidden)[:, 0], out.cache, states
+        return thinker.lm_logits(params, out.hidden)[:, 0], out.cache
 
     def generate(
         self,
@@ -339,8 +341,6 @@ class OmniModel:
         sequences = np.concatenate([input_ids, tokens], axis=1)
         if not return_audio:
             return GenerateOutput(sequences=sequences, num_generated=num_generated)
-        from omni_jax import speech  # noqa: PLC0415
-
         states = prompt_states[:, pad:]  # (B, S, 2, D)
         speech_kwargs = dict(
             prompt_ids=input_ids, prompt_mask=attention_mask,
@@ -356,22 +356,15 @@ class OmniModel:
         return GenerateOutput(sequences=sequences, audio=speech_out.audio, codes=speech_out.codes,
                               num_generated=num_generated)
 
-    def _check_speech(self, return_audio, speaker, batch: int) -> list[str] | None:
+    def _check_speech(self, return_audio, speaker, batch: int):
+        """Fails before the thinker runs: bad return_audio, no talker, unknown speaker or wrong count."""
         if return_audio not in (False, True, "stream"):
             raise ValueError(f"return_audio must be False, True or 'stream', got {return_audio!r}")
         if not return_audio:
             return None
-        if self.config.talker_config is None or self.config.code2wav_config is None or not self.config.enable_audio_output:
-            raise ValueError(
-                "this checkpoint has no talker/Code2Wav (a Thinking or Captioner model, or enable_audio_output "
-                "is false): it generates text only; call generate(..., return_audio=False)"
-            )
-        speakers = [speaker] * batch if isinstance(speaker, str) else list(speaker)
-        if len(speakers) != batch:
-            raise ValueError(f"speaker: got {len(speakers)} names for a batch of {batch}; give one name or one per row")
-        for name in speakers:
-            talker_lib.speaker_token_id(self.config.talker_config, name)  # raises listing the valid speakers
-        return speakers
+        speech.check_speech_config(self.config)
+        speech.speaker_ids(self.config, speaker, batch)  # raises listing the valid speakers
+        return speaker
 
 
 def load_pretrained(

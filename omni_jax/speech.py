@@ -168,7 +168,8 @@ class TalkerRun(NamedTuple):
     key: jax.Array
 
 
-def _speaker_ids(config: OmniConfig, speakers, batch: int) -> np.ndarray:
+def speaker_ids(config: OmniConfig, speakers, batch: int) -> np.ndarray:
+    """(B,) talker speaker token ids for one name or one per row; unknown names raise, listing the valid ones."""
     names = [speakers] * batch if isinstance(speakers, str) else list(speakers)
     if len(names) != batch:
         raise ValueError(f"speakers: got {len(names)} names for a batch of {batch}; give one name or one per row")
@@ -213,7 +214,7 @@ def prepare_talker(
             raise ValueError(f"{name} must be (batch, >= prompt length, hidden) = ({b}, >= {s}, D), got {x.shape}")
     if max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-    speaker_ids = _speaker_ids(config, speakers, b)
+    speaker_token_ids = speaker_ids(config, speakers, b)
     eos_ids = _as_eos_ids(thinker_eos_token_id, config.im_end_token_id)
 
     seq = seq[:, : _reference_length(seq, s, eos_ids)]
@@ -234,7 +235,7 @@ def prepare_talker(
             raise ValueError("thinker_hidden is required: the user turns hold audio/image/video placeholders")
         thinker_hidden = jnp.zeros_like(thinker_embeds)
     inputs = _talker_inputs(params, config, rt, thinker_embeds[:, :s], thinker_hidden[:, :s], seq[:, s:], plan,
-                            speaker_ids)
+                            speaker_token_ids)
     pos = talker_position_ids(plan.input_ids, plan.attention_mask, config, multimodal)
 
     if sampling is None:
@@ -291,15 +292,6 @@ def _advance(params, config: OmniConfig, rt: Runtime, run: TalkerRun, state, unt
         params["talker"], state, run.inputs.trailing, run.inputs.tts_pad, run.suppress, jnp.int32(run.eos),
         jnp.int32(until), cfg=config.talker_config, rt=rt, sampling=run.sampling, cp_sampling=run.cp_sampling,
     )
-
-
-def _collect(state: talker.TalkerState, eos: int) -> talker.TalkerCodes:
-    """`talker.collect_codes`, also when every row's first token is the codec EOS (no frame at all)."""
-    if int(state.step) > 0:
-        return talker.collect_codes(state, eos)
-    b, _, groups = state.codes.shape
-    return talker.TalkerCodes(np.zeros((b, groups, 0), np.int32), np.zeros(b, np.int64),
-                              np.asarray(state.tokens)[:, :1])
 
 
 def speak(
@@ -361,7 +353,7 @@ def speak(
     )
     state = _start(params, config, rt, run)
     state = _advance(params, config, rt, run, state, run.max_new_tokens)
-    out = _collect(state, run.eos)
+    out = talker.collect_codes(state, run.eos)
     audio = code2wav.decode_batch(params["code2wav"], out.codes, out.lengths, config.code2wav_config, rt,
                                   chunked=chunked)
     codes = [np.ascontiguousarray(out.codes[r, :, : int(n)]) for r, n in enumerate(out.lengths)]
