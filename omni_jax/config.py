@@ -471,6 +471,13 @@ class Runtime:
     grouped_matmul_impl: "auto" (Pallas on GPU/TPU, the pure-JAX tiled loop on CPU), "tiled",
       "ragged_dot" or "pallas".
     remat: rematerialisation policy name for training ("none", "full", "dots").
+    expert_parallel: "auto" (inside a multi-device ambient mesh, `jax.set_mesh`, the MoE runs in
+      `shard_map`: tokens stay on their shard and, when the mesh's `expert` axis is > 1, travel to the
+      shard owning their expert by all-to-all; see `nn/expert_parallel.py`) or "none" (let XLA
+      partition the single-device program).
+    expert_capacity_factor: None (dropless) or c > 0: each shard sends at most
+      ceil(c * tokens * top_k / num_experts) of its tokens to any one expert; the rest are dropped
+      (they contribute nothing from that expert; the residual carries them), as in GShard.
     """
 
     dtype: str = "bfloat16"
@@ -480,6 +487,8 @@ class Runtime:
     moe_impl: str = "grouped"
     grouped_matmul_impl: str = "auto"
     remat: str = "none"
+    expert_parallel: str = "auto"
+    expert_capacity_factor: float | None = None
 
     def __post_init__(self):
         choices = {
@@ -487,10 +496,14 @@ class Runtime:
             "moe_impl": ("grouped", "dense"),
             "grouped_matmul_impl": ("auto", "tiled", "ragged_dot", "pallas", "pallas_interpret"),
             "remat": ("none", "full", "dots"),
+            "expert_parallel": ("auto", "none"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"Runtime.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        if self.expert_capacity_factor is not None and not self.expert_capacity_factor > 0:
+            raise ConfigError(f"Runtime.expert_capacity_factor={self.expert_capacity_factor!r}; expected None "
+                              "(dropless) or a number > 0")
 
     def replace(self, **kwargs) -> "Runtime":
         return dataclasses.replace(self, **kwargs)
