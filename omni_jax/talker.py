@@ -63,6 +63,9 @@ __all__ = [
     "plan_talker_inputs",
     "TalkerInputs",
     "build_talker_inputs",
+    "TeacherForcedPlan",
+    "plan_teacher_forced",
+    "teacher_forced_frame_inputs",
     "frame_step",
     "TalkerState",
     "suppress_mask",
@@ -352,6 +355,10 @@ def plan_talker_inputs(
         marker = (s + first_eos - starts - 3)[:, None]
         kind = np.where(j > marker, TTS_PAD, kind)
         kind = np.where(j == marker, TTS_EOS, kind)
+    # The reference's trailing text has `entries` entries and feeds tts_pad at every later step. A row whose
+    # EOS is the sequence's last token (or that has none) would otherwise get its marker a second time at
+    # entry `entries`, which exists here only because of the static bucket.
+    kind = np.where(j >= entries[:, None], TTS_PAD, kind)
 
     talker_ids = np.concatenate([user_ids, np.full((b, ASSISTANT_PREFIX_LEN), config.tts_pad_token_id)], axis=1)
     talker_mask = np.concatenate([user_mask, np.ones((b, ASSISTANT_PREFIX_LEN), np.int32)], axis=1)
@@ -436,6 +443,143 @@ def build_talker_inputs(
     kind = jnp.asarray(plan.trailing_kind)[..., None]
     trailing = jnp.where(kind == TTS_EOS, tts_eos, jnp.where(kind == TTS_PAD, tts_pad, trailing))
     return TalkerInputs(prompt, jnp.asarray(plan.attention_mask, jnp.int32), trailing, tts_pad)
+
+
+# ----------------------------------------------------------------------------------------- teacher forcing
+class TeacherForcedPlan(NamedTuple):
+    """`plan_talker_inputs` for training: the talker inputs of sequences that already hold the reply."""
+
+    plan: TalkerInputPlan  # jax arrays; trailing text of length F (one entry per target frame)
+    position_ids: jax.Array  # (3, B, U + 9 + F) float32: talker prompt, then one position per frame input
+    has_reply: jax.Array  # (B,) bool: the row has '<|im_start|>assistant' followed by a reply token
+
+
+def plan_teacher_forced(
+    input_ids_bs,
+    attention_mask_bs,
+    config: OmniConfig,
+    *,
+    num_frames: int,
+    thinker_position_ids_3bs=None,
+    user_length: int | None = None,
+    thinker_eos_token_id: int | tuple[int, ...] | None = -1,
+) -> TeacherForcedPlan:
+    """The talker-input plan of training rows, jittable (jnp on traced ids).
+
+    input_ids_bs, attention_mask_bs: (B, S) whole sequences (prompt, then the reply and its EOS), padded
+      anywhere (right padding in training). Each row is planned as the reference plans one unbatched
+      `generate` call whose thinker produced that reply: the user turns (every `<|im_start|>user` turn
+      before the row's last `<|im_start|>assistant`), the 9-position prefix with the first reply token,
+      trailing text = the reply tokens after the first one up to (excluding) the first EOS at or after
+      the first reply token (or up to the last real token when there is none, as a thinker stopped by
+      its length), then `tts_eos`, then `tts_pad`.
+    num_frames: F, the trailing-text length (frame k's input takes entry k).
+    thinker_position_ids_3bs: (3, B, S) the thinker's TM-RoPE positions, or None for text-only prompts.
+      The talker's positions are the reference's `get_rope_index` over its own ids (the user tokens, then
+      tts_pad): the user tokens keep their thinker positions minus the non-user tokens before them
+      (dropped turns are text, one position each), the prefix and frames continue after the last user
+      token. Without thinker positions: `cumsum(mask) - 1`, the text-only rule.
+    user_length: U, static columns for the user part (default S, always enough); rows with more user
+      tokens keep their last U.
+    thinker_eos_token_id: as `plan_talker_inputs` (default `<|im_end|>`; None: no EOS, the reply runs to
+      the last real token).
+
+    Rows without a reply (`has_reply` False) get a plan that reads position 0; mask them out.
+    """
+    ids = jnp.asarray(input_ids_bs, jnp.int32)
+    b, s = ids.shape
+    mask = jnp.ones((b, s), bool) if attention_mask_bs is None else jnp.asarray(attention_mask_bs).reshape(b, s) != 0
+    u = s if user_length is None else int(user_length)
+    f = int(num_frames)
+    if f < 1:
+        raise ValueError(f"num_frames must be >= 1, got {f}")
+    if thinker_eos_token_id == -1:
+        eos_ids = (config.im_end_token_id,)
+    elif thinker_eos_token_id is None:
+        eos_ids = ()
+    else:
+        eos_ids = tuple(int(e) for e in np.atleast_1d(np.asarray(thinker_eos_token_id)).reshape(-1))
+
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    im_start = jnp.where(ids == config.im_start_token_id, pos, -1)
+    previous = jnp.maximum(jax.lax.cummax(im_start, axis=1), 0)
+    role = jnp.take_along_axis(ids, jnp.minimum(previous + 1, s - 1), axis=1)
+    user = (role == config.user_token_id) & mask
+    # User positions sort last (offset by S), in order; the trailing U columns hold them right-aligned.
+    order = jnp.argsort(jnp.where(user, s + pos, pos), axis=-1)[:, s - min(u, s):]
+    if u > s:
+        order = jnp.concatenate([jnp.zeros((b, u - s), order.dtype), order], axis=1)
+    n_user = jnp.minimum(user.sum(-1), u)
+    user_mask = jnp.arange(u)[None] >= (u - n_user)[:, None]
+    tc = config.thinker_config
+    multimodal = jnp.isin(ids, jnp.array([tc.audio_token_id, tc.image_token_id, tc.video_token_id]))
+    user_is_mm = jnp.take_along_axis(multimodal, order, axis=1) & user_mask
+
+    hits = (ids[:, :-1] == config.im_start_token_id) & (ids[:, 1:] == config.assistant_token_id) & mask[:, 1:]
+    start = jnp.max(jnp.where(hits, pos[:, :-1], -1), axis=-1)
+    last_real = jnp.max(jnp.where(mask, pos, -1), axis=-1)
+    has_reply = (start >= 0) & (start + 3 <= last_real)
+    start = jnp.maximum(start, 0)
+    if eos_ids:
+        is_eos = jnp.isin(ids, jnp.array(eos_ids)) & mask & (pos >= (start + 3)[:, None])
+        end = jnp.min(jnp.where(is_eos, pos, s), axis=-1)
+        end = jnp.where(end == s, last_real, end)
+    else:
+        end = last_real
+    n_text = jnp.maximum(end - start - 4, 0)
+    j = jnp.arange(f)[None]
+    trailing_positions = jnp.minimum(start[:, None] + 4 + j, s - 1)
+    kind = jnp.where(j < n_text[:, None], TEXT, jnp.where(j == n_text[:, None], TTS_EOS, TTS_PAD))
+    assistant_positions = jnp.minimum(start[:, None] + jnp.arange(4)[None], s - 1)
+    talker_ids = jnp.concatenate(
+        [jnp.take_along_axis(ids, order, axis=1), jnp.full((b, ASSISTANT_PREFIX_LEN), config.tts_pad_token_id)], 1
+    )
+    talker_mask = jnp.concatenate([user_mask, jnp.ones((b, ASSISTANT_PREFIX_LEN), bool)], axis=1)
+
+    if thinker_position_ids_3bs is None:
+        user_pos = jnp.broadcast_to(jnp.cumsum(user_mask, -1) - 1, (3, b, u)).astype(jnp.float32)
+    else:
+        thinker_pos = jnp.asarray(thinker_position_ids_3bs, jnp.float32).reshape(3, b, s)
+        dropped = (mask & ~user).astype(jnp.float32)
+        compact = thinker_pos - (jnp.cumsum(dropped, -1) - dropped)[None]
+        user_pos = jnp.take_along_axis(compact, jnp.broadcast_to(order[None], (3, b, u)), axis=2)
+    user_pos = jnp.where(user_mask[None], user_pos, 0.0)
+    # Every chat user turn ends with text, so its last token holds the largest position (get_rope_index's
+    # next start); the prefix (tts_pad ids) and the frames are text after it.
+    last = jnp.where(n_user > 0, user_pos[0, :, u - 1], -1.0)
+    tail = last[:, None] + 1.0 + jnp.arange(ASSISTANT_PREFIX_LEN + f, dtype=jnp.float32)[None]
+    position_ids = jnp.concatenate([user_pos, jnp.broadcast_to(tail[None], (3, b, tail.shape[1]))], axis=2)
+
+    plan = TalkerInputPlan(
+        user_positions=order.astype(jnp.int32),
+        user_mask=user_mask.astype(jnp.int32),
+        user_is_multimodal=user_is_mm,
+        assistant_positions=assistant_positions.astype(jnp.int32),
+        trailing_positions=trailing_positions.astype(jnp.int32),
+        trailing_kind=kind.astype(jnp.int32),
+        input_ids=talker_ids.astype(jnp.int32),
+        attention_mask=talker_mask.astype(jnp.int32),
+    )
+    return TeacherForcedPlan(plan, position_ids, has_reply)
+
+
+def teacher_forced_frame_inputs(
+    params: dict, codes_bfg: jax.Array, trailing_bfd: jax.Array, cfg: TalkerConfig, rt: Runtime
+) -> jax.Array:
+    """The talker's input for every frame from given codes: what `frame_step` builds from generated ones.
+
+    codes_bfg: (B, F, G) int codec ids (frame-major); trailing_bfd: (B, F, D) entry k of the trailing
+    text (`TalkerInputs.trailing`, tts_pad past its end). Returns (B, F, D): frame k's input, E(c0) +
+    sum over g >= 1 of `code_predictor.codec_embedding[g-1](c_g)` + trailing text k, which the talker
+    reads at the step after frame k's c0 (the step predicting frame k + 1's c0, or the EOS).
+    """
+    dtype = jnp.dtype(rt.dtype)
+    codes = jnp.asarray(codes_bfg, jnp.int32)
+    tables = params["code_predictor"]["model"]["codec_embedding"]
+    embeds = [codec_embed(params, codes[..., 0], dtype)]
+    embeds += [jnp.take(tables[str(g)]["weight"], codes[..., g + 1], axis=0).astype(dtype)
+               for g in range(cfg.num_code_groups - 1)]
+    return jnp.sum(jnp.stack(embeds, axis=2), axis=2) + trailing_bfd.astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------- generation
