@@ -379,7 +379,9 @@ class SafetensorsReader:
         self._maps.clear()
 
 
-def read_shard(plan: ParamPlan, shard: tuple[slice, ...], reader: SafetensorsReader, dtype, *, devices=()) -> np.ndarray:
+def read_shard(
+    plan: ParamPlan, shard: tuple[slice, ...], reader: SafetensorsReader, dtype, *, devices=()
+) -> np.ndarray:
     """The parameter block `param[shard]` (concrete slices), read from the checkpoint slice by slice."""
     out = np.empty(tuple(s.stop - s.start for s in shard), np.dtype(dtype))
     lead, inner = shard[:plan.lead], shard[plan.lead:]

@@ -148,13 +148,15 @@ def test_two_layouts_for_one_slot_and_a_key_in_two_files_are_errors(hub_checkpoi
     inter = tensors[fused].shape[1] // 2
     # Layer 0's expert 3 given both fused and one tensor per expert: it would be filled twice.
     both = dict(tensors, **{"thinker.model.layers.0.mlp.experts.3.gate_proj.weight": tensors[fused][3, :inter]})
-    with pytest.raises(CheckpointError, match=r"appear twice.*\n.*experts\.3\.gate_proj\.weight \(also filled by "
-                                              r"thinker\.model\.language_model\.layers\.0\.mlp\.experts\.gate_up_proj\)"):
+    twice = (r"appear twice.*\n.*experts\.3\.gate_proj\.weight \(also filled by "
+             r"thinker\.model\.language_model\.layers\.0\.mlp\.experts\.gate_up_proj\)")
+    with pytest.raises(CheckpointError, match=twice):
         _convert(both, config)
     # The same key in two safetensors files.
     state = {k: v.contiguous() for k, v in ref.state_dict().items()}
     safetensors.torch.save_file(state, tmp_path / "a.safetensors")
-    safetensors.torch.save_file({"thinker.lm_head.weight": state["thinker.lm_head.weight"]}, tmp_path / "b.safetensors")
-    with pytest.raises(CheckpointError, match=r"1 keys appear in two files:\n    thinker\.lm_head\.weight \(in a\.safetensors "
-                                              r"and b\.safetensors\)"):
+    safetensors.torch.save_file({"thinker.lm_head.weight": state["thinker.lm_head.weight"]},
+                                tmp_path / "b.safetensors")
+    in_two = r"1 keys appear in two files:\n    thinker\.lm_head\.weight \(in a\.safetensors and b\.safetensors\)"
+    with pytest.raises(CheckpointError, match=in_two):
         hf_to_jax.convert_checkpoint(str(tmp_path), config, dtype="float32")

@@ -132,7 +132,8 @@ def _load_everywhere(folder: str, mesh_shape, devices=None) -> dict:
         "model_bytes": model_bytes, "bytes_read": log.total_bytes, "reads": len(log.reads),
         "per_device": {str(k): v for k, v in sorted(by_device.items())}, "shards_compared": compared,
         "expert_bytes_read": expert_bytes, "peak_rss_mib": _peak_rss_mib(),
-        "expert_model_bytes": sum(int(np.prod(s.shape)) * itemsize for p, s in specs.items() if p.startswith(EXPERT_PARAMS)),
+        "expert_model_bytes": sum(int(np.prod(s.shape)) * itemsize for p, s in specs.items()
+                                  if p.startswith(EXPERT_PARAMS)),
     }
 
 
