@@ -44,6 +44,17 @@ request's inputs do not depend on its neighbours (the reference processor pads a
 before its STFT, which would). If a batch fails, its requests are retried one at a time, so a
 failing request costs only itself.
 
+Multi-host. Several processes (hosts of a TPU pod slice, nodes or GPUs of a cluster) share one request
+file: `omni_jax.distributed.initialize` joins them first thing (automatic on TPU pods, SLURM and Open
+MPI; --coordinator-address/--num-processes/--process-id otherwise). Each process then serves its own
+share of the requests (request i goes to process i mod N) with its own copy of the model on its own
+devices (--mesh DATA,EXPERT,TENSOR over the process's local devices; default 1,1,1: its first one),
+so no traffic crosses hosts while generating. Each process writes the wav files of its requests into
+its own --out folder; process 0 gathers every result and alone writes results.jsonl (with a
+"process" key naming who served the request, and so on which host its wav is). Every process exits
+with the same code. Greedy results do not depend on the number of processes; sampled ones do (a
+batch's seed is --seed + (its number x processes + process index) x --batch-size).
+
 Presets (no --ckpt) use seeded RANDOM weights: the text is random tokens and the audio noise
 (near-silent for the tiny preset), and --max-audio-frames defaults to 16 there. The tiny talker's
 vocabulary (96) is smaller than the reference's suppression window ([vocab - 1024, vocab)), which
@@ -136,7 +147,25 @@ def parse_args(argv=None):
                         f"{PRESET_AUDIO_FRAMES} for presets)")
     p.add_argument("--skip-absent-components", action="store_true",
                    help="load a checkpoint even if it holds components its configuration leaves out")
+    p.add_argument("--mesh", default=None, metavar="DATA,EXPERT,TENSOR",
+                   help="mesh of this process's local devices the model is sharded over (default 1,1,1: the first "
+                        "local device)")
+    from omni_jax.distributed import add_distributed_args  # noqa: PLC0415 - light import, no JAX device touched
+
+    add_distributed_args(p)
     return p.parse_args(argv)
+
+
+def parse_mesh(value: str | None) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in value.split(","))
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--mesh {value!r}: expected three positive sizes DATA,EXPERT,TENSOR, e.g. 1,1,4") from None
+    return shape
 
 
 # ------------------------------------------------------------------------------------------- requests
@@ -315,20 +344,32 @@ def load_model(args):
 
     import omni_jax  # noqa: PLC0415
 
+    from omni_jax import sharding  # noqa: PLC0415
+
+    mesh = None
+    shape = parse_mesh(args.mesh)
+    if shape is not None or jax.process_count() > 1:
+        # A model replica per process, on this process's own devices (jax.devices() spans every host).
+        shape = shape or (1, 1, 1)
+        local = jax.local_devices()
+        if int(np.prod(shape)) > len(local):
+            raise ValueError(f"--mesh {args.mesh}: {int(np.prod(shape))} devices, but this process has {len(local)}")
+        mesh = sharding.make_mesh(*shape, devices=local[: int(np.prod(shape))])
     cache_dir = os.environ.get("OMNI_JAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/omni_jax/xla"))
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     # Cache every program: the many small ones (media buckets, talker and vocoder steps) add up at start-up.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     if args.ckpt:
         dtype = args.dtype or "bfloat16"
-        model = omni_jax.load_pretrained(args.ckpt, dtype=dtype, skip_absent_components=args.skip_absent_components)
+        model = omni_jax.load_pretrained(args.ckpt, dtype=dtype, skip_absent_components=args.skip_absent_components,
+                                         mesh=mesh)
         what = f"checkpoint {args.ckpt}"
     else:
         name = args.preset or "tiny"
         dtype = args.dtype or "float32"
         config = omni_jax.preset(name)
         model = omni_jax.OmniModel.random(config, seed=args.seed,
-                                          runtime=omni_jax.Runtime(dtype=dtype, param_dtype=dtype))
+                                          runtime=omni_jax.Runtime(dtype=dtype, param_dtype=dtype), mesh=mesh)
         what = (f"preset {name!r} with seeded RANDOM weights (seed {args.seed}): the output is meaningless (random "
                 "tokens; the audio is noise)")
     return model, what
@@ -486,8 +527,21 @@ def main(argv=None) -> int:
         print("error: --batch-size, --max-new-tokens, --chunk-frames and --max-audio-frames must be >= 1",
               file=sys.stderr)
         return 2
+    from omni_jax import distributed  # noqa: PLC0415
+
+    try:
+        parse_mesh(args.mesh)
+        distributed.initialize_from_args(args)  # before anything touches a JAX device
+    except Exception as e:  # noqa: BLE001 - report any start-up failure plainly
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import jax  # noqa: PLC0415
+
+    rank, ranks = jax.process_index(), jax.process_count()
     try:
         raw_requests = read_requests(args.requests)
+        if ranks > 1:
+            raw_requests = distributed.process_share(raw_requests)
         check_speaker(args)  # these two before the (slow) model load
         assets, image_settings, video_settings = load_assets(args)
         model, what = load_model(args)
@@ -495,7 +549,8 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - report any start-up failure plainly
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"omni_jax infer: {what}", file=sys.stderr)
+    print(f"omni_jax infer: {what}" + (f"; {distributed.describe()}, {len(raw_requests)} requests here"
+                                       if ranks > 1 else ""), file=sys.stderr)
     if not args.no_audio and not speech_ok:
         print("note: this checkpoint has no talker/Code2Wav (Thinking or Captioner): writing text only",
               file=sys.stderr)
@@ -538,7 +593,7 @@ def main(argv=None) -> int:
     batches = make_batches(requests, args.batch_size)
     with tqdm(total=len(requests), unit="req", desc="generating", file=sys.stderr) as bar:
         for number, batch in enumerate(batches):
-            seed = args.seed + number * args.batch_size
+            seed = args.seed + (number * ranks + rank) * args.batch_size
             try:
                 results.update(run_batch(model, batch, args, sampling, seed, assets, names))
             except Exception as e:  # noqa: BLE001 - retry alone so that one failing request costs only itself
@@ -554,14 +609,25 @@ def main(argv=None) -> int:
                             os.remove(wav)
             bar.update(len(batch))
     elapsed = time.perf_counter() - start
-    with open(results_path, "w") as f:
-        for line in sorted(results):
-            f.write(json.dumps(results[line]) + "\n")
+    if ranks > 1:
+        # Every process's results to every process; process 0 alone writes them.
+        for result in results.values():
+            result["process"] = rank
+        gathered = distributed.allgather_objects(
+            {"results": [[line, r] for line, r in results.items()], "elapsed": elapsed})
+        results = {line: r for part in gathered for line, r in part["results"]}
+        elapsed = max(part["elapsed"] for part in gathered)
+    if rank == 0:
+        with open(results_path, "w") as f:
+            for line in sorted(results):
+                f.write(json.dumps(results[line]) + "\n")
     failed = sum(1 for r in results.values() if "error" in r)
     tokens = sum(len(r.get("generated_ids", ())) for r in results.values())
     audio_s = sum(r.get("audio_samples", 0) for r in results.values()) / SAMPLE_RATE
     print(
-        f"wrote {len(results)} results ({failed} failed) to {results_path}; {tokens} tokens"
+        (f"wrote {len(results)} results ({failed} failed) to {results_path}" if rank == 0 else
+         f"process {rank}: served its requests; process 0 wrote {len(results)} results ({failed} failed)")
+        + f"; {tokens} tokens"
         + (f" and {audio_s:.2f}s of audio" if audio_s else "") + f" in {elapsed:.1f}s (compilation included)",
         file=sys.stderr,
     )
