@@ -80,23 +80,40 @@ def _pad_rows(x, axis: int = 0):
     return jnp.pad(x, widths)
 
 
+def _under_mesh(method):
+    """Runs a method under `jax.set_mesh(self.mesh)` (multi-device meshes only; see `sharding.use_mesh`),
+    so that the programs it traces see the mesh (activation constraints, expert parallelism)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with sharding.use_mesh(self.mesh):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class OmniModel:
     """A Qwen3-Omni model with its parameters on a mesh."""
 
     def __init__(self, config: OmniConfig, params: dict, runtime: Runtime | None = None, mesh=None):
+        """mesh: a `jax.sharding.Mesh`, a `sharding.MeshConfig` or None (one device). Jitted calls run
+        under it (`jax.set_mesh`), with the batch split over its data and expert axes."""
         self.config = config
         self.runtime = runtime or Runtime()
-        self.mesh = mesh or sharding.default_mesh()
+        self.mesh = sharding.mesh_and_rules(mesh)[0]
         self.params = params
 
     # ----------------------------------------------------------------------------------- builders
     @classmethod
     def random(cls, config: OmniConfig, seed: int = 0, runtime: Runtime | None = None, mesh=None) -> "OmniModel":
-        """Randomly initialised model (std `initializer_range`), for tests and the embedded default."""
+        """Randomly initialised model (std `initializer_range`), for tests and the embedded default.
+
+        mesh: a Mesh, a `sharding.MeshConfig` (with `fsdp=True` parameters are also split over `data`)
+        or None (one device). Parameters are created directly in their shardings."""
         runtime = runtime or Runtime()
-        mesh = mesh or sharding.default_mesh()
+        mesh, rules = sharding.mesh_and_rules(mesh)
         specs = model_specs(config)
-        shardings = sharding.param_shardings(specs, mesh)
+        shardings = sharding.param_shardings(specs, mesh, rules)
         init = jax.jit(
             functools.partial(init_params, specs, dtype=jnp.dtype(runtime.param_dtype)), out_shardings=shardings
         )
@@ -193,6 +210,7 @@ class OmniModel:
 
         return fn
 
+    @_under_mesh
     def thinker_logits(self, input_ids, attention_mask=None, *, use_deepstack: bool = True, **multimodal) -> np.ndarray:
         """Full logits (B, S, vocab) as float32 numpy; left-padded rows are supported.
 
@@ -203,9 +221,17 @@ class OmniModel:
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, multimodal)
         media = self._encode_media(input_ids, multimodal)
         position_ids = self._positions(input_ids, attention_mask, multimodal)
-        logits = self._logits_fn(self.params["thinker"], input_ids, attention_mask, position_ids, media,
-                                 use_deepstack=use_deepstack)
+        ids, mask, pos = self._shard_batch(input_ids, attention_mask, position_ids)
+        logits = self._logits_fn(self.params["thinker"], ids, mask, pos, media, use_deepstack=use_deepstack)
         return np.asarray(logits.astype(jnp.float32))
+
+    def _shard_batch(self, input_ids, attention_mask, position_ids):
+        """(B, S) ids and mask, (3, B, S) positions onto the mesh, rows split over (data, expert) as far as
+        B divides (host arrays as they are on one device)."""
+        if self.mesh.size == 1:
+            return input_ids, attention_mask, position_ids
+        return (sharding.shard_batch(input_ids, self.mesh), sharding.shard_batch(attention_mask, self.mesh),
+                sharding.shard_batch(position_ids, self.mesh, batch_dim=1))
 
     # ----------------------------------------------------------------------------------- generate
     @functools.cached_property
@@ -240,6 +266,7 @@ class OmniModel:
         )
         return thinker.lm_logits(params, out.hidden)[:, 0], out.cache
 
+    @_under_mesh
     def generate(
         self,
         input_ids,
@@ -304,7 +331,7 @@ class OmniModel:
         capture_layer = self.config.talker_config.accept_hidden_layer if return_audio else None
 
         params = self.params["thinker"]
-        logits, cache, prompt_states = self._prefill_fn(params, ids_b, mask_b, position_ids, media,
+        logits, cache, prompt_states = self._prefill_fn(params, *self._shard_batch(ids_b, mask_b, position_ids), media,
                                                         max_len=max_len, capture_layer=capture_layer)
         vocab = self.config.text.vocab_size
         # The reference's repetition penalty sees the prompt as given (its padding included).
@@ -378,6 +405,7 @@ def load_pretrained(
     """Loads a Hugging Face checkpoint folder (config.json + *.safetensors) or a converted one.
 
     dtype: parameter and compute dtype ("bfloat16" or "float32").
+    mesh: a Mesh, a `sharding.MeshConfig` (`fsdp=True` also splits parameters over `data`) or None.
     skip_absent_components: a Hugging Face checkpoint's keys of components the configuration leaves out
       are an error listing them, unless this is set.
     """
@@ -386,9 +414,9 @@ def load_pretrained(
         raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
     config = load_config(path)
     runtime = runtime or Runtime(dtype=dtype, param_dtype=dtype)
-    mesh = mesh or sharding.default_mesh()
+    mesh, rules = sharding.mesh_and_rules(mesh)
     specs = model_specs(config)
-    shardings = sharding.param_shardings(specs, mesh)
+    shardings = sharding.param_shardings(specs, mesh, rules)
     if checkpoint.is_omni_jax_checkpoint(path):
         abstract = abstract_params(specs, jnp.dtype(runtime.param_dtype))
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

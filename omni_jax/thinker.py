@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from omni_jax.audio_encoder import audio_encoder_specs
 from omni_jax.config import Runtime, ThinkerConfig
 from omni_jax.nn import decoder
+from omni_jax.sharding import constrain
 from omni_jax.vision_encoder import vision_encoder_specs
 from omni_jax.nn.params import ParamSpec
 
@@ -53,12 +54,17 @@ def thinker_specs(cfg: ThinkerConfig) -> dict:
 
 def embed_tokens(params: dict, input_ids_bs: jax.Array, dtype) -> jax.Array:
     """(B, S) ids -> (B, S, D) embeddings in `dtype`."""
-    return jnp.take(params["model"]["embed_tokens"]["weight"], input_ids_bs, axis=0).astype(dtype)
+    x = jnp.take(params["model"]["embed_tokens"]["weight"], input_ids_bs, axis=0).astype(dtype)
+    return constrain(x, decoder.RESIDUAL_AXES)
 
 
 def lm_logits(params: dict, hidden_bsd: jax.Array) -> jax.Array:
-    """(B, S, D) final-normed hidden -> (B, S, vocab) logits in the hidden dtype."""
-    return jnp.dot(hidden_bsd, params["lm_head"]["kernel"].astype(hidden_bsd.dtype))
+    """(B, S, D) final-normed hidden -> (B, S, vocab) logits in the hidden dtype.
+
+    Vocabulary-parallel under a mesh: `lm_head` is split on vocab over `tensor` and so are the logits.
+    """
+    logits = jnp.dot(hidden_bsd, params["lm_head"]["kernel"].astype(hidden_bsd.dtype))
+    return constrain(logits, ("batch", "seq", "vocab"))
 
 
 class MediaEmbeds(NamedTuple):

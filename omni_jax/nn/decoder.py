@@ -10,6 +10,11 @@ Two entry points:
   * `prefill`: a whole sequence, causal within each row's real tokens (`attention_mask`), writing
     K/V into cache slots [0, S) when a cache is given.
   * `decode`: new tokens at cache slot `cache_index`, attending over the cache slots `key_valid`.
+
+Under a multi-device ambient mesh (`jax.set_mesh`) the residual stream is constrained to be split
+over the batch axes at every layer boundary, attention over heads (`tensor`), and the KV cache
+like `sharding.cache_sharding`; the MoE runs expert-parallel (`nn/expert_parallel.py`). Without a
+mesh, or on one device, `constrain` returns its input: the single-device program is unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import jax.numpy as jnp
 
 from omni_jax.config import Runtime
 from omni_jax.nn import attention as attn_lib
+from omni_jax.sharding import constrain
 from omni_jax.nn.moe import moe_forward, moe_specs, shared_expert_specs
 from omni_jax.nn.norms import rms_norm
 from omni_jax.nn.params import ParamSpec, stack_layers
@@ -120,11 +126,17 @@ class KVCache(NamedTuple):
 
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+# Activation layouts for `constrain` (logical axes; see sharding.LOGICAL_RULES).
+RESIDUAL_AXES = ("batch", "seq", "embed")
+Q_AXES = ("batch", "seq", "q_heads", "head_dim")
+KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
+MLP_AXES = ("batch", "seq", "mlp")
 
 
 def init_cache(d: DecoderDims, batch: int, max_len: int, dtype) -> KVCache:
+    """Zeros (L, B, max_len, Hkv, D); split like `sharding.cache_sharding` under an ambient mesh."""
     shape = (d.num_layers, batch, max_len, d.num_kv_heads, d.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    return KVCache(constrain(jnp.zeros(shape, dtype), CACHE_AXES), constrain(jnp.zeros(shape, dtype), CACHE_AXES))
 
 
 class DecoderOutput(NamedTuple):
@@ -152,20 +164,23 @@ def _qkv(lp, x, cos, sin, d: DecoderDims):
     v = jnp.dot(x, p["v_proj"]["kernel"].astype(dtype)).reshape(b, s, d.num_kv_heads, d.head_dim)
     q = rms_norm(q, p["q_norm"]["weight"], d.rms_norm_eps)
     k = rms_norm(k, p["k_norm"]["weight"], d.rms_norm_eps)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+    q = constrain(apply_rotary(q, cos, sin), Q_AXES)
+    return q, constrain(apply_rotary(k, cos, sin), KV_AXES), constrain(v, KV_AXES)
 
 
 def _mlp(lp, x, d: DecoderDims, rt: Runtime, layer):
     if d.num_experts:
         return moe_forward(
             x, lp["mlp"], top_k=d.top_k, norm_topk_prob=d.norm_topk_prob, impl=rt.moe_impl,
-            grouped_matmul_impl=rt.grouped_matmul_impl, layer=layer,
+            grouped_matmul_impl=rt.grouped_matmul_impl, layer=layer, expert_parallel=rt.expert_parallel,
+            capacity_factor=rt.expert_capacity_factor,
         )
     p = lp["mlp"]
     dtype = x.dtype
     gate = jnp.dot(x, p["gate_proj"]["kernel"].astype(dtype))
     up = jnp.dot(x, p["up_proj"]["kernel"].astype(dtype))
-    return jnp.dot(jax.nn.silu(gate) * up, p["down_proj"]["kernel"].astype(dtype)), None
+    act = constrain(jax.nn.silu(gate) * up, MLP_AXES)
+    return jnp.dot(act, p["down_proj"]["kernel"].astype(dtype)), None
 
 
 def _layer(lp, x, cos, sin, d: DecoderDims, rt: Runtime, attend, layer):
@@ -176,13 +191,13 @@ def _layer(lp, x, cos, sin, d: DecoderDims, rt: Runtime, attend, layer):
     dtype = x.dtype
     h = rms_norm(x, lp["input_layernorm"]["weight"], d.rms_norm_eps)
     q, k, v = _qkv(lp, h, cos, sin, d)
-    a = attend(q, k, v)
+    a = constrain(attend(q, k, v), Q_AXES)
     b, s = x.shape[:2]
     a = jnp.dot(a.reshape(b, s, -1), lp["self_attn"]["o_proj"]["kernel"].astype(dtype))
-    x = x + a
+    x = constrain(x + a, RESIDUAL_AXES)
     h = rms_norm(x, lp["post_attention_layernorm"]["weight"], d.rms_norm_eps)
     m, router_logits = _mlp(lp, h, d, rt, layer)
-    return x + m, router_logits
+    return constrain(x + m, RESIDUAL_AXES), router_logits
 
 
 def _remat(fn, rt: Runtime):
@@ -258,7 +273,7 @@ def prefill(
     capture_layer: also return `hidden_states[capture_layer]` in the reference's numbering
       (0 = embeddings, i = output of layer i-1, before any DeepStack addition).
     """
-    x = embeds_bsd
+    x = constrain(embeds_bsd, RESIDUAL_AXES)
     dtype = x.dtype
     cos, sin = _cos_sin(d, position_ids, dtype)
     segment_ids = attention_mask_bs.astype(jnp.int32)
@@ -277,8 +292,8 @@ def prefill(
         if cache is not None:
             k = holder["k"].astype(cache_k.dtype)[None]
             v = holder["v"].astype(cache_v.dtype)[None]
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k, (i, 0, 0, 0, 0))
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v, (i, 0, 0, 0, 0))
+            cache_k = constrain(jax.lax.dynamic_update_slice(cache_k, k, (i, 0, 0, 0, 0)), CACHE_AXES)
+            cache_v = constrain(jax.lax.dynamic_update_slice(cache_v, v, (i, 0, 0, 0, 0)), CACHE_AXES)
         if capture_layer is not None:
             captured = jnp.where(i + 1 == capture_layer, y, captured)
         layer_out = y
@@ -317,7 +332,7 @@ def decode(
     key_valid_bk: (B, S_max) the slots each row may attend to, *including* the new ones; for S > 1
     causality among the new tokens is added here.
     """
-    x = embeds_bsd
+    x = constrain(embeds_bsd, RESIDUAL_AXES)
     dtype = x.dtype
     cos, sin = _cos_sin(d, position_ids, dtype)
     new = x.shape[1]
@@ -333,6 +348,7 @@ def decode(
         def attend(q, k, v):
             ck = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], (i, 0, cache_index, 0, 0))
             cv = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], (i, 0, cache_index, 0, 0))
+            ck, cv = constrain(ck, CACHE_AXES), constrain(cv, CACHE_AXES)
             holder["k"], holder["v"] = ck, cv
             return attn_lib.cached_attention(q, ck[i], cv[i], mask)
 

@@ -8,6 +8,11 @@ Two expert paths, equal up to summation order:
     matmuls over the sorted rows (the `grouped_matmul` entry point), unsort and combine.
   * dense: every expert on every token, combined with a dense (T, E) weight matrix. Exact and slow;
     the test oracle.
+
+Under a multi-device ambient mesh (`jax.set_mesh`) with `expert_parallel="auto"`, the routed experts
+run in `shard_map` instead (`nn/expert_parallel.py`): tokens stay on their shard and, over an
+`expert` axis > 1, go to the shard that owns their expert by all-to-all. The shared expert stays
+outside (XLA partitions it like any MLP).
 """
 
 from __future__ import annotations
@@ -110,15 +115,31 @@ def moe_forward(
     impl: str = "grouped",
     grouped_matmul_impl: str = "auto",
     layer: jax.Array | int | None = None,
+    expert_parallel: str = "auto",
+    capacity_factor: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """MoE block on x (B, T, D). Returns (output (B, T, D), router logits (B*T, E)).
 
     `params` holds `gate`, `experts` and, for the talker, `shared_expert` and `shared_expert_gate`.
     With `layer`, `params["experts"]` are the whole stacked (L, E, in, out) tensors and `layer`
     selects one; the decoder passes them so to avoid copying a layer's expert stack per layer.
+    expert_parallel: "auto" runs the experts expert-parallel when the ambient mesh has more than one
+    device and its `expert` axis divides E (`impl` is then unused: the shards use the grouped path),
+    "none" never. capacity_factor: that path's per-expert capacity (None: dropless; see
+    `expert_parallel.expert_capacity`); the single-device paths never drop.
     """
     b, t, d = x_btd.shape
     x_td = x_btd.reshape(b * t, d)
+    if expert_parallel not in ("auto", "none"):
+        raise ValueError(f"expert_parallel {expert_parallel!r}; expected 'auto' or 'none'")
+    from omni_jax.nn import expert_parallel as ep  # noqa: PLC0415  (it imports `route` from here)
+
+    if expert_parallel == "auto" and ep.can_expert_parallel(params["experts"]["gate_proj"].shape[-3]):
+        out = ep.expert_parallel_moe(
+            x_td, params, top_k=top_k, norm_topk_prob=norm_topk_prob, layer=layer,
+            capacity_factor=capacity_factor, grouped_matmul_impl=grouped_matmul_impl,
+        )
+        return _add_shared(out.y, x_td, params).reshape(b, t, d), out.router_logits
     routing = route(x_td, params["gate"]["kernel"], top_k, norm_topk_prob)
     if impl == "dense":
         y = _experts_dense(x_td, params["experts"], routing, layer)
@@ -126,8 +147,13 @@ def moe_forward(
         y = _experts_grouped(x_td, params["experts"], routing, grouped_matmul_impl, layer)
     else:
         raise ValueError(f"moe impl {impl!r}; expected 'grouped' or 'dense'")
-    if "shared_expert" in params:
-        shared = _swiglu(x_td, params["shared_expert"])
-        gate = jax.nn.sigmoid(jnp.dot(x_td, params["shared_expert_gate"]["kernel"].astype(x_td.dtype)))
-        y = y + gate * shared
-    return y.reshape(b, t, d), routing.logits
+    return _add_shared(y, x_td, params).reshape(b, t, d), routing.logits
+
+
+def _add_shared(y_td, x_td, params):
+    """y plus the talker's sigmoid-gated shared expert of x, when there is one."""
+    if "shared_expert" not in params:
+        return y_td
+    shared = _swiglu(x_td, params["shared_expert"])
+    gate = jax.nn.sigmoid(jnp.dot(x_td, params["shared_expert_gate"]["kernel"].astype(x_td.dtype)))
+    return y_td + gate * shared
