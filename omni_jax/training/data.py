@@ -83,7 +83,8 @@ class DataConfig:
     batch_size: the GLOBAL batch (rows over all processes; each process makes batch_size /
     process_count). seq_buckets: padded lengths, ascending. num_epochs None = repeat forever.
     num_workers: grain worker processes (0 = process in the calling process); batches do not depend
-    on it. on_bad_example: "skip" (warn, count) or "fail" (raise). drop_remainder: with finite epochs,
+    on it. read_threads / prefetch: threads processing examples (in each worker) and how many
+    examples they may run ahead (per worker). on_bad_example: "skip" (warn, count) or "fail" (raise). drop_remainder: with finite epochs,
     drop a last partial batch (else it is padded with empty, all-masked rows). speech_targets:
     emit codec_ids / codec_mask / speaker_ids from `target_codes` (frames padded to codec_buckets).
     """
@@ -96,7 +97,8 @@ class DataConfig:
     shuffle: bool = True
     num_epochs: int | None = None
     num_workers: int = 0
-    worker_buffer_size: int = 8
+    read_threads: int = 2
+    prefetch: int = 8
     on_bad_example: str = "skip"
     drop_remainder: bool = True
     speech_targets: bool = False
@@ -115,8 +117,8 @@ class DataConfig:
                 raise ValueError(f"data.{name}={b}: expected distinct positive lengths in ascending order")
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size={self.batch_size} must be >= 1")
-        if self.num_workers < 0 or self.worker_buffer_size < 1:
-            raise ValueError("data.num_workers must be >= 0 and data.worker_buffer_size >= 1")
+        if self.num_workers < 0 or self.read_threads < 1 or self.prefetch < 1:
+            raise ValueError("data.num_workers must be >= 0, data.read_threads and data.prefetch >= 1")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"data.num_epochs={self.num_epochs} must be >= 1 (or null: repeat forever)")
         if not 0 <= self.seed < 2**32:
@@ -439,11 +441,13 @@ class TrainIterator:
     def _start(self):
         import grain
 
-        it = self._dataset().to_iter_dataset()
+        # grain's default read-ahead (16 threads, 500 examples) would process far more than is consumed.
+        it = self._dataset().to_iter_dataset(grain.ReadOptions(num_threads=self.cfg.read_threads,
+                                                               prefetch_buffer_size=self.cfg.prefetch))
         if self.cfg.num_workers > 0:
             _mark_absl_flags_parsed()
             it = it.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=self.cfg.num_workers, per_worker_buffer_size=self.cfg.worker_buffer_size))
+                num_workers=self.cfg.num_workers, per_worker_buffer_size=self.cfg.prefetch))
         self._iter = iter(it)
 
     def _next_example(self) -> dict:
