@@ -126,6 +126,7 @@ class TrainStep:
         self.state_shardings = self._state_shardings()
         self._jitted = jax.jit(self._step, donate_argnums=(0,),
                                out_shardings=(self.state_shardings, self._replicated))
+        self._grads_jitted = None
 
     # ------------------------------------------------------------------------------------ state
     def _state_shardings(self) -> TrainState:
@@ -287,8 +288,9 @@ class TrainStep:
         (counts, rows), _ = jax.lax.scan(one, init, batch)
         return counts, rows
 
-    def _step(self, state: TrainState, batch: dict):
-        trainable, frozen = partition(state.params, self.trainable)
+    def _loss_and_grads(self, params: dict, batch: dict):
+        """(metrics without the optimizer's, gradients of the trainable subtree) of one global batch."""
+        trainable, frozen = partition(params, self.trainable)
         labels = batch["labels"]
         mask = batch["attention_mask"]
         totals = {"label_tokens": jnp.maximum(jnp.sum((labels != losses.IGNORE_INDEX).astype(jnp.float32)), 1.0)}
@@ -311,6 +313,7 @@ class TrainStep:
                 acc_sums = jax.tree.map(jnp.add, acc_sums, s)
                 return (acc_grads, acc_sums), None
 
+            # fp32 accumulators whatever the parameter dtype.
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
             sums0 = jax.eval_shape(lambda: self._micro_loss(trainable, frozen, fwd_lib.micro_batch(batch, 0),
                                                             totals)[1])
@@ -318,15 +321,9 @@ class TrainStep:
             (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), batch)
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
 
-        grad_norm = global_norm(grads)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        params = combine(trainable, frozen)
-
         metrics = {
             "loss": sums["loss"],
-            "grad_norm": grad_norm,
-            "lr": self.schedule(state.step),
+            "grad_norm": global_norm(grads),
             "tokens": jnp.sum(mask.astype(jnp.float32)),
             "label_tokens": jnp.sum((labels != losses.IGNORE_INDEX).astype(jnp.float32)),
         }
@@ -339,8 +336,24 @@ class TrainStep:
             metrics["code_predictor_loss"] = sums["cp_ce_sum"] / totals["cp_targets"]
             metrics["talker_accuracy"] = sums["talker_hits"] / totals["talker_targets"]
             metrics["code_predictor_accuracy"] = sums["cp_hits"] / totals["cp_targets"]
-        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}, grads
+
+    def _step(self, state: TrainState, batch: dict):
+        metrics, grads = self._loss_and_grads(state.params, batch)
+        trainable, frozen = partition(state.params, self.trainable)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
+        params = combine(optax.apply_updates(trainable, updates), frozen)
+        metrics["lr"] = jnp.asarray(self.schedule(state.step), jnp.float32)
         return TrainState(state.step + 1, params, opt_state), metrics
+
+    def loss_and_grads(self, state: TrainState, batch) -> tuple[dict, dict]:
+        """(metrics, gradients of the trainable subtree) of `batch` at `state`, without updating (tests,
+        diagnostics); the same computation as the step's."""
+        if self._grads_jitted is None:
+            self._grads_jitted = jax.jit(lambda params, b: self._loss_and_grads(params, b))
+        device_batch = batch if _is_prepared(batch) else self.prepare(batch)
+        with sharding.use_mesh(self.mesh):
+            return self._grads_jitted(state.params, device_batch)
 
 
 def _is_prepared(batch) -> bool:
