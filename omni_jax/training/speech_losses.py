@@ -48,6 +48,7 @@ __all__ = [
     "teacher_forced_talker_inputs",
     "SpeechLogits",
     "speech_logits",
+    "losses_from_logits",
     "speech_losses",
 ]
 
@@ -148,7 +149,7 @@ class SpeechLogits(NamedTuple):
     talker: jax.Array  # (B, F + 1, V) codebook-0 logits: entry k predicts frame k's c0 (k = F_b: the EOS)
     talker_hidden: jax.Array  # (B, F + 1, D) the final-normed talker states behind them
     code_predictor: jax.Array  # (B, F, G - 1, V_cp): entry [k, g] predicts frame k's codebook g + 1
-    has_reply: jax.Array  # (B,) bool
+    inputs: TeacherForcedTalker  # the talker sequence they came from
 
 
 def speech_logits(
@@ -182,9 +183,7 @@ def speech_logits(
         tp["code_predictor"], hidden[:, :f].reshape(b * f, d), first.reshape(b * f, d),
         codes[..., 1:].reshape(b * f, g - 1), tc.code_predictor_config, rt,
     )
-    return SpeechLogits(
-        talker.codec_logits(tp, hidden), hidden, cp_logits.reshape(b, f, g - 1, -1), seq.has_reply
-    )
+    return SpeechLogits(talker.codec_logits(tp, hidden), hidden, cp_logits.reshape(b, f, g - 1, -1), seq)
 
 
 def _masked_ce(logits, targets, mask):
@@ -226,20 +225,27 @@ def speech_losses(
     (`talker_ce_sum`, `talker_targets`, `code_predictor_ce_sum`, `code_predictor_targets`, for
     token-weighted accumulation), argmax accuracies and `speech_rows`.
     """
+    return losses_from_logits(
+        speech_logits(params, thinker_embeds_bsd, thinker_hidden_bsd, batch, config, rt, user_length=user_length),
+        batch, config,
+    )
+
+
+def losses_from_logits(logits: SpeechLogits, batch: dict, config: OmniConfig) -> tuple[jax.Array, jax.Array, dict]:
+    """`speech_losses` from `speech_logits`' result (for callers that also want the logits)."""
     tc = config.talker_config
-    out = speech_logits(params, thinker_embeds_bsd, thinker_hidden_bsd, batch, config, rt, user_length=user_length)
     codes = jnp.asarray(batch["codec_ids"], jnp.int32)
     b, f, _ = codes.shape
     frame_mask = jnp.asarray(batch["codec_mask"]).reshape(b, f) != 0
     frames = frame_mask.sum(-1)
-    rows = out.has_reply & (frames > 0)
+    rows = logits.inputs.has_reply & (frames > 0)
     k = jnp.arange(f + 1)[None]
     c0 = jnp.concatenate([codes[..., 0], jnp.zeros((b, 1), jnp.int32)], axis=1)
     targets0 = jnp.where(k == frames[:, None], tc.codec_eos_token_id, c0)
     mask0 = (k <= frames[:, None]) & rows[:, None]
-    t_sum, t_n, t_hit = _masked_ce(out.talker, targets0, mask0)
+    t_sum, t_n, t_hit = _masked_ce(logits.talker, targets0, mask0)
     mask1 = jnp.broadcast_to((frame_mask & rows[:, None])[..., None], codes[..., 1:].shape)
-    c_sum, c_n, c_hit = _masked_ce(out.code_predictor, codes[..., 1:], mask1)
+    c_sum, c_n, c_hit = _masked_ce(logits.code_predictor, codes[..., 1:], mask1)
     talker_ce = t_sum / jnp.maximum(t_n, 1.0)
     cp_ce = c_sum / jnp.maximum(c_n, 1.0)
     metrics = {

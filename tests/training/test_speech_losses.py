@@ -25,7 +25,6 @@ import torch
 
 from omni_jax import code_predictor as cp
 from omni_jax import positions, speech, talker
-from omni_jax.generate import SamplingConfig
 from omni_jax.training import speech_losses as sl
 from tests.conftest import FP32
 from tests.parity.test_code_predictor_parity import _reference_teacher_forced, talker_reference
@@ -171,15 +170,36 @@ def _training_batch(generated: list[_Generated]) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _logits_fn():
+def _grad_fn():
+    """The one compiled program of this file: `speech_losses` (as `speech_logits` + `losses_from_logits`, so
+    the logits come out too) and its gradient w.r.t. the parameters and both thinker state arrays."""
     config, _, _ = _model()
-    return jax.jit(lambda p, e, h, batch: sl.speech_logits(p, e, h, batch, config, FP32))
+
+    def loss(p, e, h, batch):
+        out = sl.speech_logits(p, e, h, batch, config, FP32)
+        talker_ce, cp_ce, metrics = sl.losses_from_logits(out, batch, config)
+        return talker_ce + cp_ce, (talker_ce, cp_ce, metrics, out)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def _run(batch):
+    """((talker_ce, cp_ce, metrics, SpeechLogits), (grad params, grad embeds, grad hidden)) on the test rows."""
+    _, _, params = _model()
+    _, _, _, embeds, hidden = _thinker_batch()
+    (_, aux), grads = _grad_fn()(params, embeds, hidden, batch)
+    return aux, grads
 
 
 @functools.lru_cache(maxsize=None)
-def _losses_fn():
+def _cp_fn():
     config, _, _ = _model()
-    return jax.jit(lambda p, e, h, batch: sl.speech_losses(p, e, h, batch, config, FP32))
+    return jax.jit(lambda p, h, first, codes: cp.teacher_forced_logits(
+        p, h, first, codes, config.talker_config.code_predictor_config, FP32))
+
+
+def _pad_frames(x):
+    return np.concatenate([x, np.zeros((MAX_FRAMES - x.shape[0], *x.shape[1:]), x.dtype)])
 
 
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
@@ -193,19 +213,18 @@ def test_teacher_forcing_equals_generation(greedy):
         assert all(len({tuple(f) for f in g.codes}) > 1 for g in generated), "sampled frames vary"
     batch = _training_batch(generated)
     sl.check_speech_targets(batch, config)
-    _, _, _, embeds, hidden = _thinker_batch()
-    out = _logits_fn()(params, embeds, hidden, batch)
-    np.testing.assert_array_equal(np.asarray(out.has_reply), [True, True, True])
+    (_, _, _, out), _ = _run(batch)
+    np.testing.assert_array_equal(np.asarray(out.inputs.has_reply), [True, True, True])
     for r, g in enumerate(generated):
         frames = g.codes.shape[0]
         _close(np.asarray(out.talker_hidden)[r, : frames + 1], g.hidden, f"row {r} talker states")
-        expected_logits = np.asarray(talker.codec_logits(params["talker"], jnp.asarray(g.hidden)))
+        expected_logits = g.hidden @ np.asarray(params["talker"]["codec_head"]["kernel"])
         _close(np.asarray(out.talker)[r, : frames + 1], expected_logits, f"row {r} codebook-0 logits")
         # The code predictor from the generation-time state and the true codes.
-        first = talker.codec_embed(params["talker"], jnp.asarray(g.codes[:, 0]), jnp.float32)
-        expected_cp = np.asarray(cp.teacher_forced_logits(
-            params["talker"]["code_predictor"], jnp.asarray(g.cp_hidden), first, jnp.asarray(g.codes[:, 1:]),
-            tc.code_predictor_config, FP32))
+        # (padded to MAX_FRAMES frames: one compilation)
+        first = np.asarray(params["talker"]["model"]["codec_embedding"]["weight"])[g.codes[:, 0]]
+        expected_cp = np.asarray(_cp_fn()(params["talker"]["code_predictor"], _pad_frames(g.cp_hidden),
+                                          _pad_frames(first), _pad_frames(g.codes[:, 1:])))[:frames]
         got_cp = np.asarray(out.code_predictor)[r, :frames]
         _close(got_cp, expected_cp, f"row {r} code-predictor logits")
         if greedy:
@@ -224,10 +243,8 @@ def test_teacher_forced_positions_equal_inference():
     assistant turn) equal what inference computes on the talker's own ids."""
     config, _, params = _model()
     generated = [_speak(0, True, seed=1), _speak(1, True, seed=2)]
-    batch = _training_batch(generated)
-    _, _, _, embeds, hidden = _thinker_batch()
-    seq = jax.jit(lambda p, e, h, b: sl.teacher_forced_talker_inputs(p, e, h, b, config, FP32))(
-        params, embeds, hidden, batch)
+    (_, _, _, out), _ = _run(_training_batch(generated))
+    seq = out.inputs
     for r, g in enumerate(generated):
         run = g.run
         u9 = run.position_ids.shape[2]
@@ -247,15 +264,13 @@ def test_talker_logits_equal_the_reference_forward():
     """The same teacher-forced inputs_embeds through the PyTorch reference talker and code predictor."""
     config, ref, params = _model()
     generated = [_speak(0, False, seed=1), _speak(1, False, seed=2)]
-    batch = _training_batch(generated)
-    _, _, _, embeds, hidden = _thinker_batch()
-    seq = jax.jit(lambda p, e, h, b: sl.teacher_forced_talker_inputs(p, e, h, b, config, FP32))(
-        params, embeds, hidden, batch)
-    out = _logits_fn()(params, embeds, hidden, batch)
+    (_, _, _, out), _ = _run(_training_batch(generated))
+    seq = out.inputs
     with torch.no_grad():
         ref.talker.rope_deltas = None
         expected = ref.talker(
-            inputs_embeds=torch.tensor(np.asarray(seq.embeds)), attention_mask=torch.tensor(np.asarray(seq.attention_mask)),
+            inputs_embeds=torch.tensor(np.asarray(seq.embeds)),
+            attention_mask=torch.tensor(np.asarray(seq.attention_mask)),
             position_ids=torch.tensor(np.asarray(seq.position_ids)).long(),
         ).logits.numpy()[:, -MAX_FRAMES - 1:]
     for r, g in enumerate(generated):
@@ -269,68 +284,70 @@ def test_talker_logits_equal_the_reference_forward():
                f"row {r} vs reference code predictor")
 
 
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def test_loss_values_and_masking():
     """The CEs are the masked means of -log softmax at the targets (codes, then the codec EOS); the row
-    without speech adds nothing; an all-silent batch gives 0."""
+    without speech adds nothing; an all-silent batch gives 0; `speech_losses` is the composition."""
     config, _, params = _model()
     tc = config.talker_config
     generated = [_speak(0, False, seed=1), _speak(1, False, seed=2)]
     batch = _training_batch(generated)
-    _, _, _, embeds, hidden = _thinker_batch()
-    out = _logits_fn()(params, embeds, hidden, batch)
-    talker_ce, cp_ce, metrics = _losses_fn()(params, embeds, hidden, batch)
+    (talker_ce, cp_ce, metrics, out), _ = _run(batch)
     nll0, nll1 = [], []
     for r, g in enumerate(generated):
         frames = g.codes.shape[0]
-        logp = jax.nn.log_softmax(np.asarray(out.talker, np.float64)[r, : frames + 1])
+        logp = _log_softmax(np.asarray(out.talker, np.float64)[r, : frames + 1])
         targets = np.append(g.codes[:, 0], tc.codec_eos_token_id)
-        nll0 += list(-np.asarray(logp)[np.arange(frames + 1), targets])
-        logp = np.asarray(jax.nn.log_softmax(np.asarray(out.code_predictor, np.float64)[r, :frames]))
+        nll0 += list(-logp[np.arange(frames + 1), targets])
+        logp = _log_softmax(np.asarray(out.code_predictor, np.float64)[r, :frames])
         nll1 += list(-np.take_along_axis(logp, g.codes[:, 1:, None], -1).ravel())
     np.testing.assert_allclose(float(talker_ce), np.mean(nll0), rtol=1e-5)
     np.testing.assert_allclose(float(cp_ce), np.mean(nll1), rtol=1e-5)
     assert float(metrics["talker_targets"]) == len(nll0) and float(metrics["code_predictor_targets"]) == len(nll1)
     assert float(metrics["speech_rows"]) == 2
+    direct = sl.losses_from_logits(out, batch, config)
+    assert float(direct[0]) == float(talker_ce) and float(direct[1]) == float(cp_ce)
     silent = dict(batch, codec_mask=np.zeros_like(batch["codec_mask"]))
-    talker_ce, cp_ce, metrics = _losses_fn()(params, embeds, hidden, silent)
+    (talker_ce, cp_ce, metrics, _), grads = _run(silent)
     assert float(talker_ce) == 0.0 and float(cp_ce) == 0.0 and float(metrics["talker_targets"]) == 0
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(grads))
 
 
 def test_gradients_reach_every_talker_parameter_and_the_thinker_states():
     config, _, params = _model()
-    generated = [_speak(0, False, seed=1), _speak(1, False, seed=2)]
-    batch = _training_batch(generated)
-    ids, mask, _, embeds, hidden = _thinker_batch()
-
-    def loss(p, e, h):
-        talker_ce, cp_ce, _ = sl.speech_losses(p, e, h, batch, config, FP32)
-        return talker_ce + cp_ce
-
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(params, embeds, hidden)
+    batch = _training_batch([_speak(0, False, seed=1), _speak(1, False, seed=2)])
+    ids = batch["input_ids"]
+    _, grads = _run(batch)
     g_params, g_embeds, g_hidden = (jax.tree.map(np.asarray, x) for x in grads)
-    flat = jax.tree_util.tree_flatten_with_path(g_params)[0]
+    flat = jax.tree_util.tree_flatten_with_path(g_params["talker"])[0]
+    assert len(flat) == len(jax.tree.leaves(params["talker"]))
     for path, leaf in flat:
         name = jax.tree_util.keystr(path)
         assert np.isfinite(leaf).all(), name
-        assert np.abs(leaf).max() > 0, f"no gradient for {name}"
-    # Every talker / code-predictor leaf is there (none missing from the tree).
-    assert len([p for p, _ in flat if "'talker'" in jax.tree_util.keystr(p)]) == len(jax.tree.leaves(params["talker"]))
+        assert np.abs(leaf).max() > 0, f"no gradient for talker{name}"
+    table = g_params["thinker"]["model"]["embed_tokens"]["weight"]
+    # The thinker's table: only the tts_bos/eos/pad rows are read here (the token embeddings come in as states).
+    np.testing.assert_array_equal(np.nonzero(np.abs(table).max(-1))[0], np.sort(talker.tts_token_ids(config)))
     # Thinker states: embeddings of the user turns and the spoken reply; hidden states at media placeholders
     # of user turns only; nothing at the dropped system/assistant turns, the reply's EOS and after, padding,
     # nor at the row without speech.
-    c = config
-    tc = c.thinker_config
+    tc = config.thinker_config
     is_media = np.isin(ids, [tc.audio_token_id, tc.image_token_id])
     assert np.isfinite(g_embeds).all() and np.isfinite(g_hidden).all()
     assert (np.abs(g_hidden).max(-1) > 0).tolist() == (is_media & (np.arange(3) < 2)[:, None]).tolist()
     read = np.abs(g_embeds).max(-1) > 0
     for r, (prompt, answer) in enumerate(_rows()):
-        reply_end = len(prompt) + answer.index(c.im_end_token_id)  # the EOS: never read
+        reply_end = len(prompt) + answer.index(config.im_end_token_id)  # the EOS: never read
         if r == 2:
             assert not read[r].any()
             continue
         assert read[r, len(prompt) - 3: reply_end].all() and not read[r, reply_end:].any()
     assert not read[0, :7].any()  # the system turn
+    assert read[0, 7:22].sum() == 15 - 4  # the user turn but its 4 audio placeholders (hidden states there)
     assert not read[1, 11:17].any()  # the earlier assistant turn
 
 
@@ -341,32 +358,23 @@ def test_overfit_one_batch():
     ids, mask, pos, embeds, hidden = _thinker_batch()
     rng = np.random.default_rng(5)
     frames = np.array([6, 4, 0])
-    codes = rng.integers(0, tc.code_predictor_config.vocab_size, (3, 6, tc.num_code_groups)).astype(np.int32)
-    codec_mask = (np.arange(6)[None] < frames[:, None]).astype(np.int32)
-    batch = dict(input_ids=ids, attention_mask=mask, position_ids=pos, codec_ids=codes, codec_mask=codec_mask)
+    codes = rng.integers(0, tc.code_predictor_config.vocab_size, (3, MAX_FRAMES, tc.num_code_groups)).astype(np.int32)
+    codec_mask = (np.arange(MAX_FRAMES)[None] < frames[:, None]).astype(np.int32)
+    batch = dict(input_ids=ids, attention_mask=mask, position_ids=pos, codec_ids=codes, codec_mask=codec_mask,
+                 speaker=np.full((3,), sl.default_speaker_id(config), np.int32))
     opt = optax.adam(1e-2)
-    talker_params = params["talker"]
-    state = opt.init(talker_params)
-
-    def losses(tp):
-        t, c, _ = sl.speech_losses(dict(params, talker=tp), embeds, hidden, batch, config, FP32)
-        return t + c, (t, c)
-
-    @jax.jit
-    def steps(tp, state):
-        def body(carry, _):
-            tp, state = carry
-            (_, aux), g = jax.value_and_grad(losses, has_aux=True)(tp)
-            updates, state = opt.update(g, state, tp)
-            return (optax.apply_updates(tp, updates), state), aux
-
-        (tp, state), history = jax.lax.scan(body, (tp, state), None, length=150)
-        return tp, state, history
-
-    _, _, (t_hist, c_hist) = steps(talker_params, state)
-    t_hist, c_hist = np.asarray(t_hist), np.asarray(c_hist)
-    assert t_hist[-1] < t_hist[0] / 10, (t_hist[0], t_hist[-1])
-    assert c_hist[-1] < c_hist[0] / 10, (c_hist[0], c_hist[-1])
+    update = jax.jit(lambda g, state, p: opt.update(g, state, p))
+    apply = jax.jit(optax.apply_updates)
+    current = dict(params)
+    state = opt.init(params["talker"])
+    history = []
+    for _ in range(150):
+        (_, (talker_ce, cp_ce, _, _)), (grads, _, _) = _grad_fn()(current, embeds, hidden, batch)
+        history.append((float(talker_ce), float(cp_ce)))
+        updates, state = update(grads["talker"], state, current["talker"])
+        current = dict(current, talker=apply(current["talker"], updates))
+    (t0, c0), (t1, c1) = history[0], history[-1]
+    assert t1 < t0 / 10 and c1 < c0 / 10, history[:: 30] + history[-1:]
 
 
 def test_trailing_text_past_its_end_is_tts_pad():
