@@ -259,3 +259,14 @@ def test_resolve_detects_tpu_and_ompi():
 def test_resolve_errors_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=message):
         distributed.resolve(**kwargs, env={}, on_tpu_vm=False)
+
+
+def test_initialize_after_jax_started_is_refused():
+    import jax  # noqa: PLC0415
+
+    jax.devices()  # this process's JAX is running: joining a job now would be too late
+    with pytest.raises(RuntimeError, match="first thing in main"):
+        distributed.initialize("localhost:1", num_processes=2, process_id=0)
+    if distributed.resolve().method == "single":  # not inside a SLURM/MPI/TPU job
+        distributed.initialize()  # nothing to join: a no-op, even after JAX started
+    assert jax.process_count() == 1
