@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ParamSpec", "init_params", "abstract_params", "logical_axes", "flatten", "unflatten", "stack_layers"]
+__all__ = ["ParamSpec", "init_params", "init_params_host", "abstract_params", "logical_axes", "flatten", "unflatten", "stack_layers"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +104,66 @@ def init_params(spec_tree: dict, key: jax.Array, dtype=jnp.float32) -> dict:
     for path, spec in flat.items():
         leaf_key = jax.random.fold_in(key, np.uint32(hash_path(path)))
         out[path] = _init_leaf(spec, leaf_key, dtype)
+    return unflatten(out)
+
+
+# Rows of a leaf drawn per seed: fixed by the leaf's shape alone, so the values do not depend on
+# how the leaf is sharded, and a shard is drawn without drawing the whole leaf.
+_HOST_INIT_BLOCK_ELEMENTS = 1 << 22
+
+
+def _host_block_rows(shape: tuple[int, ...]) -> int:
+    row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    return max(1, _HOST_INIT_BLOCK_ELEMENTS // max(row, 1))
+
+
+def _host_rows(spec: ParamSpec, seed: int, path: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) along axis 0 of the leaf `path` as float32 (the whole leaf for rank 0)."""
+    if spec.init != "normal":
+        value = {"ones": 1.0, "zeros": 0.0, "constant": spec.value}.get(spec.init)
+        if value is None:
+            raise ValueError(f"unknown initialiser {spec.init!r} for {path}")
+        shape = (stop - start, *spec.shape[1:]) if spec.shape else ()
+        return np.full(shape, value, np.float32)
+    if not spec.shape:
+        return np.float32(spec.std) * np.random.default_rng([seed, hash_path(path)]).standard_normal((), np.float32)
+    block = _host_block_rows(spec.shape)
+    parts = []
+    for b in range(start // block, -(-stop // block)):
+        lo, hi = b * block, min((b + 1) * block, spec.shape[0])
+        rng = np.random.default_rng([seed, hash_path(path), b])
+        rows = rng.standard_normal((hi - lo, *spec.shape[1:]), np.float32)
+        parts.append(rows[max(start, lo) - lo: min(stop, hi) - lo])
+    return np.float32(spec.std) * np.concatenate(parts, axis=0)
+
+
+def init_params_host(spec_tree: dict, seed: int, dtype=jnp.float32, shardings: dict | None = None) -> dict:
+    """Random parameters for `spec_tree` drawn with numpy on the host, one shard at a time.
+
+    The same values whatever `shardings` is (a tree of `jax.sharding.Sharding` matching
+    `spec_tree`, or None for the default device): each leaf is drawn in fixed blocks of rows, seeded
+    by (seed, path, block). Unlike `init_params` this compiles nothing: jitting hundreds of
+    threefry draws took minutes on a small CPU for the tiny preset. Values differ from `init_params`.
+    """
+    flat = flatten(spec_tree)
+    flat_shardings = flatten(shardings) if shardings is not None else {}
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    out = {}
+    for path, spec in flat.items():
+        sharding = flat_shardings.get(path)
+
+        def shard(index, spec=spec, path=path):
+            if not spec.shape:
+                return _host_rows(spec, seed, path, 0, 1).astype(np_dtype)
+            first = index[0] if index else slice(None)
+            start, stop, _ = first.indices(spec.shape[0])
+            rows = _host_rows(spec, seed, path, start, stop)
+            return rows[(slice(None), *index[1:])].astype(np_dtype)
+
+        if sharding is None:
+            out[path] = jnp.asarray(shard(tuple(slice(None) for _ in spec.shape)))
+        else:
+            out[path] = jax.make_array_from_callback(spec.shape, sharding, shard)
     return unflatten(out)
 
 
