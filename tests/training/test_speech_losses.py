@@ -9,7 +9,8 @@ included), and the code predictor's teacher-forced logits equal those of the fra
 (greedy: their argmax is the generated residual code). The rows hold a system turn, an earlier
 assistant turn (both dropped), audio and image placeholders (`hidden_projection`; TM-RoPE positions
 with an image grid), replies of different lengths (the talker runs past the text: `tts_eos`, then
-`tts_pad`) and right padding; a third row has no speech. fp32; max |difference| <= 1e-5 x max |expected|.
+`tts_pad`) and right padding; a third row has no speech. fp32; max |difference| <= 1e-5 x max |expected|
+(measured: talker states/logits vs generation 3e-7, code predictor 6e-7; vs the PyTorch reference 4e-7).
 """
 
 from __future__ import annotations
