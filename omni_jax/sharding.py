@@ -74,7 +74,9 @@ class MeshConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"MeshConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.data % self.dcn_data:
-            raise ValueError(f"MeshConfig.dcn_data={self.dcn_data} must divide data={self.data} (data spans the slices)")
+            raise ValueError(
+                f"MeshConfig.dcn_data={self.dcn_data} must divide data={self.data} (data spans the slices)"
+            )
 
     @property
     def num_devices(self) -> int:
