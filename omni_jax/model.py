@@ -20,7 +20,7 @@ from omni_jax import audio_encoder, checkpoint, code2wav, generate as gen, posit
 from omni_jax import speech, talker as talker_lib
 from omni_jax.config import OmniConfig, Runtime, load_config
 from omni_jax.nn import decoder
-from omni_jax.nn.params import abstract_params, init_params
+from omni_jax.nn.params import abstract_params, init_params_host
 
 __all__ = ["OmniModel", "GenerateOutput", "model_specs", "load_pretrained"]
 
@@ -114,10 +114,9 @@ class OmniModel:
         mesh, rules = sharding.mesh_and_rules(mesh)
         specs = model_specs(config)
         shardings = sharding.param_shardings(specs, mesh, rules)
-        init = jax.jit(
-            functools.partial(init_params, specs, dtype=jnp.dtype(runtime.param_dtype)), out_shardings=shardings
-        )
-        return cls(config, init(jax.random.key(seed)), runtime, mesh)
+        # Drawn on the host shard by shard: jitting hundreds of random draws compiles for minutes.
+        params = init_params_host(specs, seed, jnp.dtype(runtime.param_dtype), shardings)
+        return cls(config, params, runtime, mesh)
 
     # ----------------------------------------------------------------------------------- checks
     def _check_inputs(self, input_ids, attention_mask, multimodal: dict[str, Any]):
