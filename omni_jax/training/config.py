@@ -13,8 +13,9 @@ Sections (each a frozen dataclass; unknown keys are errors that list the valid o
     optim      AdamW, warm-up + cosine schedule, clipping, gradient accumulation
     loss       coefficients: MoE load balancing (default: the thinker config's router_aux_loss_coef),
                talker and code-predictor cross-entropies
-    checkpoint directory, save_every, keep, async saves
+    checkpoint directory, save_every, keep, async saves, export of the final parameters
     log        directory, every, JSONL / TensorBoard switches, peak FLOP/s per device for the MFU estimate
+    synthetic  the embedded synthetic task: generated into `directory` if absent, used as the data
 
 Top-level keys: stage ("encoder_alignment" | "thinker" | "talker" | "custom"), train_patterns /
 freeze_patterns (regexes searched in '/'-joined parameter paths), seed, max_steps.
@@ -46,7 +47,8 @@ else:
     _DATA_IMPORT_ERROR = None
 
 __all__ = [
-    "ModelConfig", "OptimConfig", "LossConfig", "CheckpointConfig", "LogConfig", "TrainConfig", "STAGES",
+    "ModelConfig", "OptimConfig", "LossConfig", "CheckpointConfig", "LogConfig", "SyntheticConfig", "TrainConfig",
+    "STAGES",
     "stage_train_patterns", "parse_overrides", "ConfigError",
 ]
 
@@ -167,6 +169,19 @@ class LogConfig:
             raise ConfigError("log.every must be >= 1")
 
 
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """The embedded synthetic task (`omni_jax.training.synthetic`): with `directory` set, train.py
+    generates it there when `<directory>/train.jsonl` does not exist yet, and `data.manifest` /
+    `data.tokenizer` default to its manifest and text assets."""
+
+    directory: str | None = None
+    num_train: int = 2000
+    num_eval: int = 100
+    seed: int = 0
+    speech_targets: bool = True
+
+
 def _default_runtime() -> Runtime:
     return Runtime(dtype="bfloat16", param_dtype="float32")
 
@@ -192,6 +207,7 @@ class TrainConfig:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
     stage: str = "thinker"
     train_patterns: tuple[str, ...] | None = None
     freeze_patterns: tuple[str, ...] = ()
@@ -276,6 +292,7 @@ def _check_patterns(name: str, patterns) -> None:
 # Config-relative paths: a YAML's `data.manifest` and friends are taken relative to the YAML file
 # when they do not exist relative to the working directory.
 _PATH_KEYS = {("data", "manifest"), ("data", "tokenizer"), ("model", "name")}
+# Output folders in a YAML are relative to the working directory (where the user runs train.py).
 
 
 def _resolve_paths(raw: dict, base: str) -> dict:

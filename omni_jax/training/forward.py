@@ -178,7 +178,9 @@ def plan_batch(
 
     micro_batches: k, rows split into k consecutive micro-batches (gradient accumulation).
     groups: g, each micro-batch's rows split into g media groups (the batch shards of the mesh).
-    sizes: lower bounds for the padded media shapes (from other processes; `MediaSizes.merge`).
+    sizes: lower bounds for the padded media shapes (from other processes, or the largest seen so far:
+      `MediaSizes.merge`); a kind present there but absent from the batch gets dummy inputs, so the
+      batch keeps the program's structure.
     Checks the placeholder counts against the media (an error names the kind).
     """
     cfg = config.thinker_config
@@ -229,8 +231,12 @@ def plan_batch(
     sizes = sizes or MediaSizes()
     new_sizes = MediaSizes()
 
-    if batch.get("input_features") is not None:
-        plans = _audio_plans(batch, ids, cfg, rows_per_group)
+    if batch.get("input_features") is not None or sizes.audio is not None:
+        if batch.get("input_features") is not None:
+            plans = _audio_plans(batch, ids, cfg, rows_per_group)
+        else:  # the floor asks for audio this batch lacks: dummies keep the program's structure
+            _check_absent(ids, cfg.audio_token_id, "audio", "input_features")
+            plans = [None] * (k * g)
         plans = [p if p is not None else _dummy_audio_plan(cfg) for p in plans]
         chunks = max(p.chunks_cmf.shape[0] for p in plans)
         att_rows = max(p.segment_ids.shape[0] for p in plans)
@@ -243,15 +249,19 @@ def plan_batch(
 
     for kind, pixel_key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
         token_id = cfg.image_token_id if kind == "image" else cfg.video_token_id
+        floor = getattr(sizes, kind)
         if batch.get(pixel_key) is None:
             _check_absent(ids, token_id, f"{kind}s", pixel_key)
-            continue
-        items = _vision_items(batch, ids, cfg, kind, rows_per_group)
-        patch_dim = np.asarray(batch[pixel_key]).shape[1]
+            if floor is None:
+                continue
+            items = [None] * (k * g)  # dummies for the floor's structure
+        else:
+            items = _vision_items(batch, ids, cfg, kind, rows_per_group)
+        vc = cfg.vision_config
+        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
         items = [it if it is not None else _dummy_vision(cfg, patch_dim) for it in items]
         shapes = [vision_encoder.vision_plan(grid, cfg.vision_config).segment_ids.shape for grid, _ in items]
         vrows, row_len = max(s[0] for s in shapes), max(s[1] for s in shapes)
-        floor = getattr(sizes, kind)
         if floor is not None:
             vrows, row_len = max(vrows, floor[0]), max(row_len, floor[1])
         # A longer row can hold more frames: rows needed never grow when row_len does.

@@ -127,6 +127,7 @@ class TrainStep:
         self._jitted = jax.jit(self._step, donate_argnums=(0,),
                                out_shardings=(self.state_shardings, self._replicated))
         self._grads_jitted = None
+        self._media_floor = fwd_lib.MediaSizes()
 
     # ------------------------------------------------------------------------------------ state
     def _state_shardings(self) -> TrainState:
@@ -188,8 +189,9 @@ class TrainStep:
             if "speaker" not in checked and "speaker_ids" in checked:  # the data pipeline's name
                 checked["speaker"] = checked["speaker_ids"]
             check_speech_targets(checked, self.config)
-        planned, sizes = fwd_lib.plan_batch(batch, self.config, micro_batches=self.accum, groups=groups_local)
-        if procs > 1 and any(s is not None for s in sizes):
+        planned, sizes = fwd_lib.plan_batch(batch, self.config, micro_batches=self.accum, groups=groups_local,
+                                            sizes=self._media_floor)
+        if procs > 1:  # every process joins (one may have no media): the padded shapes must agree
             from omni_jax import distributed  # noqa: PLC0415
 
             everyone = distributed.allgather_objects([None if s is None else list(s) for s in sizes])
@@ -197,8 +199,11 @@ class TrainStep:
             for other in everyone:
                 agreed = agreed.merge(fwd_lib.MediaSizes(*(None if s is None else tuple(s) for s in other)))
             if agreed != sizes:
-                planned, _ = fwd_lib.plan_batch(batch, self.config, micro_batches=self.accum, groups=groups_local,
-                                                sizes=agreed)
+                planned, sizes = fwd_lib.plan_batch(batch, self.config, micro_batches=self.accum,
+                                                    groups=groups_local, sizes=agreed)
+        # Media shapes only grow: later batches pad to the largest seen (and keep every media kind seen,
+        # with dummies), so the step compiles a few times while the maxima settle, not once per batch.
+        self._media_floor = self._media_floor.merge(sizes)
         return self._put(planned, procs)
 
     def _put(self, planned: dict, procs: int) -> dict:
