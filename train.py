@@ -250,8 +250,8 @@ def run(cfg) -> dict:
     export_dir = ckpt_cfg.export_dir or (os.path.join(ckpt_cfg.directory, "export") if ckpt_cfg.directory else None)
     if export_dir is not None:
         copy_from = tokenizer if isinstance(tokenizer, str) else None
-        export_params(export_dir, state.params, model_config, ckpt_cfg.export_dtype, copy_from=copy_from,
-                      overwrite=True)
+        export_dir = export_params(export_dir, state.params, model_config, ckpt_cfg.export_dtype,
+                                   copy_from=copy_from, overwrite=True)  # the absolute folder
         logger.text(f"exported step {step} parameters to {export_dir} (python infer.py --ckpt {export_dir})")
     stats = iterator.stats
     if sum(stats["skipped"].values()):
