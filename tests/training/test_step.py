@@ -271,3 +271,51 @@ def test_sharded_step_equals_one_device():
         # Adam's first steps move each weight by ~lr * g / |g|: elements whose gradient is at rounding
         # level may move differently; bound the difference by 1% of a step (measured ~0.6%).
         assert r["param_err"] <= 1e-2 * 3e-4, f"{mesh}: parameters differ by {r['param_err']:.2e}"
+
+
+# ------------------------------------------------------------------------------------ talker stage
+def _speech_batch(config, rows=2, frames=(4, 3)):
+    """Chat rows (user turn, then the assistant's reply) with target codec ids per row."""
+    c = config
+    rng = np.random.default_rng(11)
+    seq = 16
+    ids = np.zeros((rows, seq), np.int32)
+    mask = np.zeros((rows, seq), np.int32)
+    labels = np.full((rows, seq), -100, np.int32)
+    for r in range(rows):
+        user = rng.integers(0, 400, 3 + r).tolist()
+        reply = rng.integers(0, 400, 3).tolist()
+        row = [c.im_start_token_id, c.user_token_id, *user, c.im_end_token_id, c.im_start_token_id,
+               c.assistant_token_id, *reply, c.im_end_token_id]
+        ids[r, :len(row)] = row
+        mask[r, :len(row)] = 1
+        start = len(row) - len(reply) - 1
+        labels[r, start - 1:len(row) - 1] = row[start:]
+    g = config.talker_config.num_code_groups
+    f = max(frames)
+    codes = rng.integers(0, 32, (rows, f, g)).astype(np.int32)
+    codec_mask = (np.arange(f)[None] < np.array(frames)[:, None]).astype(np.int32)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, codec_ids=codes, codec_mask=codec_mask)
+
+
+def test_talker_stage_trains_talker_and_code_predictor_with_the_thinker_frozen():
+    config = preset("tiny")
+    cfg = TrainConfig.load(None, FP32 + ["stage=talker", "optim.lr=1e-2", "optim.weight_decay=0.0"])
+    step = make_train_step(config, cfg)
+    params = init_params_for_training(config, cfg.runtime, step.mesh, seed=4)
+    before = flatten(jax.tree.map(np.asarray, params))
+    state = step.init_state(params)
+    batch = _speech_batch(config)
+    history = []
+    for _ in range(12):
+        state, metrics = step(state, batch)
+        history.append(jax.device_get(metrics))
+    assert "ce_loss" not in history[0]  # the thinker's loss is not trained in this stage
+    for key in ("talker_loss", "code_predictor_loss"):
+        assert history[-1][key] < 0.5 * history[0][key], (key, history[0][key], history[-1][key])
+    after = flatten(jax.tree.map(np.asarray, state.params))
+    assert all(np.array_equal(before[p], after[p]) for p in before if not p.startswith("talker/"))
+    moved = [p for p in before if p.startswith("talker/") and not np.array_equal(before[p], after[p])]
+    assert any("code_predictor" in p for p in moved) and any(p.startswith("talker/model/layers") for p in moved)
+    mu = state.opt_state[1][0].mu
+    assert all(p.startswith("talker/") for p in flatten(mu))
