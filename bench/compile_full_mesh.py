@@ -1,8 +1,9 @@
 """Full-size plan checked by the compiler: the Qwen3-Omni-30B-A3B thinker on simulated large meshes.
 
+    python bench/compile_full_mesh.py --all-variants        # the recorded set (bench/RESULTS_scaleout.md)
     python bench/compile_full_mesh.py                       # every default mesh, prefill + train step
-    python bench/compile_full_mesh.py --meshes 8x8x1:fsdp,64x1x1:fsdp --what train --layers 48
-    python bench/compile_full_mesh.py --devices 64 --batch 64 --seq 4096 --json out.jsonl
+    python bench/compile_full_mesh.py --meshes 8x8x1:fsdp,64x1x1:fsdp --what train --slice-expert-layers
+    python bench/compile_full_mesh.py --table-from bench/scaleout_results.jsonl
 
 Lowers and compiles, with abstract inputs only (`jax.ShapeDtypeStruct`s carrying their shardings; no
 weight is ever allocated), on `--devices` simulated CPU devices (`--xla_force_host_platform_device_count`,
@@ -10,10 +11,21 @@ set before JAX is imported):
 
   * prefill: the thinker text decoder over a (batch, seq) prompt filling a KV cache of seq + 512
     positions and returning the last position's logits, bf16 parameters and compute (inference);
-  * train: one optimizer step, next-token cross-entropy (fp32 log-softmax) + the MoE load-balancing
-    loss (coefficient 0.001), `jax.grad`, `optax.adamw` update; fp32 master weights and Adam moments,
-    bf16 compute (`Runtime(param_dtype="float32", dtype="bfloat16")`), remat "full" per decoder layer,
-    parameters and optimizer state donated.
+  * train: one optimizer step, next-token cross-entropy (fp32 log-softmax over the full vocabulary) +
+    the MoE load-balancing loss (coefficient 0.001; its top-k per batch shard in a `shard_map`),
+    `jax.grad`, `optax.adamw` update; fp32 master weights and Adam moments, bf16 compute
+    (`Runtime(param_dtype="float32", dtype="bfloat16")`), remat "full" per decoder layer, parameters and
+    optimizer state donated. A minimal step written here (not `omni_jax/training/step.py`, which was
+    being written at the same time), text tokens only.
+
+The Pallas kernels (flash attention, grouped matmul) cannot be compiled for CPU and the CPU paths have
+other memory profiles (a (S x S) score matrix per head; a tiled grouped matmul whose backward stacks
+one weight gradient per row tile), so by default both are replaced, in this process only, by stand-ins
+with the kernels' memory profile (`blockwise_attention`, `standin_grouped_matmul`); --attention xla
+--grouped-matmul tiled compiles the CPU paths as written. --slice-expert-layers applies, in this process
+only, the fix proposed for the expert-parallel MoE (index the layer's expert matrices before the
+`shard_map`): as written, the whole (L, E, D, F) expert stacks enter the `shard_map`, and under FSDP
+XLA all-gathers all 48 layers' experts at once.
 
 Both run under `jax.set_mesh(mesh)`, so the model code takes its multi-device paths (activation
 constraints, and the MoE's expert-parallel `shard_map` when `nn/expert_parallel.py` applies; which MoE
@@ -168,6 +180,21 @@ def compile_one(args) -> dict:
 
         gmm_lib.grouped_matmul = standin_grouped_matmul  # grouped_swiglu looks it up at call time
         gmm_impl = "ragged_dot"  # any non-"tiled" impl routes grouped_swiglu through grouped_matmul
+    if args.slice_expert_layers:
+        from omni_jax.nn import expert_parallel as ep_lib
+
+        original = ep_lib.expert_parallel_moe
+
+        def per_layer(x_td, params, *, layer=None, **kwargs):
+            # Index this layer's expert matrices before shard_map: its in_specs then ask for one layer's
+            # (E, D, F) gathered over FSDP's data axis, not the whole (L, E, D, F) stack.
+            if layer is not None:
+                experts = {k: jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
+                           for k, w in params["experts"].items()}
+                params, layer = dict(params, experts=experts), None
+            return original(x_td, params, layer=layer, **kwargs)
+
+        ep_lib.expert_parallel_moe = per_layer  # moe.py calls it through the module
     config = preset(PRESET)
     tcfg = config.thinker_config
     if args.layers != tcfg.text_config.num_hidden_layers:
@@ -187,6 +214,7 @@ def compile_one(args) -> dict:
     replicated = NamedSharding(mesh, P())
     info = {"mesh": args.mesh, "program": args.program, "layers": args.layers, "batch": b, "seq": s,
             "attention": args.attention, "grouped_matmul": args.grouped_matmul, "expert_parallel": args.expert_parallel,
+            "slice_expert_layers": bool(args.slice_expert_layers),
             "capacity_factor": args.capacity_factor,
             "devices": data * expert * tensor, "params": param_count(specs), "jax": jax.__version__}
     try:
@@ -240,13 +268,22 @@ def compile_one(args) -> dict:
             lse = jax.nn.logsumexp(logits, axis=-1)
             picked = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
             ce = jnp.sum(jnp.where(valid, lse - picked, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
-            # Switch-style load balancing over all layers (the reference's formula, token mask applied).
-            probs = jax.nn.softmax(out.router_logits.astype(jnp.float32), axis=-1)  # (L, T, E)
-            chosen = jax.nn.one_hot(jax.lax.top_k(probs, top_k)[1], num_experts, dtype=jnp.float32).sum(-2)
+            # Switch-style load balancing over all layers (the reference's formula, token mask applied). The
+            # top-k runs per batch shard: on the global (L, T, E) array XLA all-gathers every token for it.
+            axes = sharding.BATCH_AXES
+
+            def shard_stats(router, tok):
+                probs = jax.nn.softmax(router.astype(jnp.float32), axis=-1)  # (L, T_shard, E)
+                chosen = jax.nn.one_hot(jax.lax.top_k(probs, top_k)[1], num_experts, dtype=jnp.float32).sum(-2)
+                return (jax.lax.psum(jnp.sum(chosen * tok, axis=(0, 1)), axes),
+                        jax.lax.psum(jnp.sum(probs * tok, axis=(0, 1)), axes), jax.lax.psum(jnp.sum(tok), axes))
+
             tok = mask.reshape(1, -1, 1).astype(jnp.float32)
-            frac = jnp.sum(chosen * tok, axis=(0, 1)) / jnp.maximum(jnp.sum(tok) * probs.shape[0], 1.0)
-            prob = jnp.sum(probs * tok, axis=(0, 1)) / jnp.maximum(jnp.sum(tok) * probs.shape[0], 1.0)
-            aux = num_experts * jnp.sum(frac * prob)
+            chosen, prob, count = jax.shard_map(
+                shard_stats, in_specs=(P(None, axes, None), P(None, axes, None)), out_specs=(P(), P(), P()),
+            )(out.router_logits, tok)
+            denom = jnp.maximum(count * out.router_logits.shape[0], 1.0)
+            aux = num_experts * jnp.sum((chosen / denom) * (prob / denom))
             return ce + 0.001 * aux, (ce, aux)
 
         def step(params, opt_state, ids, labels, mask, pos):
@@ -299,30 +336,51 @@ def fits(peak: float, cap_gib: float) -> str:
     return "yes" if peak <= cap_gib * GIB else "no"
 
 
+def variant(r: dict) -> str:
+    """What differs from the baseline (the model code as on disk, with the kernel stand-ins)."""
+    parts = []
+    if r.get("slice_expert_layers"):
+        parts.append("per-layer expert slice")
+    if r.get("capacity_factor"):
+        parts.append(f"capacity {r['capacity_factor']}")
+    if r.get("expert_parallel") == "none":
+        parts.append("EP off")
+    if r.get("attention") == "xla":
+        parts.append("XLA attention")
+    if r.get("grouped_matmul") == "tiled":
+        parts.append("CPU tiled gmm")
+    return ", ".join(parts) or "baseline"
+
+
+def short_moe(path: str) -> str:
+    return (path.replace("expert-parallel shard_map", "EP shard_map").replace(" exchange", " all-to-all")
+            .replace("grouped (XLA-partitioned)", "grouped, XLA-partitioned"))
+
+
 def table(rows: list[dict], extrapolate_to: int | None = None) -> str:
-    lines = ["| program | mesh (data x expert x tensor) | layers | params/dev GiB | args GiB | outputs GiB | "
-             "aliased GiB | temps GiB | peak GiB | fits 95 GiB | fits 80 GiB | MoE path | lower s | compile s |",
+    lines = ["| program | mesh (data x expert x tensor) | variant | layers | params/dev GiB | args GiB | outputs GiB | "
+             "aliased GiB | temps GiB | peak GiB | fits 95 GiB | fits 80 GiB | MoE path | compile s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['program']} | {r['mesh']} | {r['layers']} | failed: {r['error'][:120]} |"
-                         + " |" * 10)
+            lines.append(f"| {r['program']} | {r['mesh']} | {variant(r)} | {r['layers']} | failed: {r['error'][:120]} |"
+                         + " |" * 9)
             continue
         lines.append(
-            f"| {r['program']} | {r['mesh']} | {r['layers']} | {gib(r['param_bytes'])} | {gib(r['argument_bytes'])} | "
-            f"{gib(r['output_bytes'])} | {gib(r['alias_bytes'])} | {gib(r['temp_bytes'])} | {gib(r['peak_bytes'])} | "
-            f"{fits(r['peak_bytes'], 95)} | {fits(r['peak_bytes'], 80)} | {r.get('moe_path', '?')} | "
-            f"{r['lower_s']} | {r['compile_s']} |")
+            f"| {r['program']} | {r['mesh']} | {variant(r)} | {r['layers']} | {gib(r['param_bytes'])} | "
+            f"{gib(r['argument_bytes'])} | {gib(r['output_bytes'])} | {gib(r['alias_bytes'])} | {gib(r['temp_bytes'])} | "
+            f"{gib(r['peak_bytes'])} | {fits(r['peak_bytes'], 95)} | {fits(r['peak_bytes'], 80)} | "
+            f"{short_moe(r.get('moe_path', '?'))} | {r['compile_s']} |")
     if extrapolate_to:
         lines += ["", f"Extrapolated to {extrapolate_to} layers (linear in the layer count from the two compiled "
                   "layer counts of each program and mesh; an extrapolation, not a compile):", "",
-                  "| program | mesh | from layers | args GiB | temps GiB | peak GiB | fits 95 GiB | fits 80 GiB |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| program | mesh | variant | from layers | args GiB | temps GiB | peak GiB | fits 95 GiB | fits 80 GiB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         groups: dict[tuple, list[dict]] = {}
         for r in rows:
             if "error" not in r:
-                groups.setdefault((r["program"], r["mesh"]), []).append(r)
-        for (program, mesh), rs in groups.items():
+                groups.setdefault((r["program"], r["mesh"], variant(r)), []).append(r)
+        for (program, mesh, var), rs in groups.items():
             rs = sorted(rs, key=lambda r: r["layers"])
             if len(rs) < 2 or rs[0]["layers"] == rs[-1]["layers"]:
                 continue
@@ -331,10 +389,37 @@ def table(rows: list[dict], extrapolate_to: int | None = None) -> str:
             for key in ("argument_bytes", "temp_bytes", "peak_bytes"):
                 slope = (hi[key] - lo[key]) / (hi["layers"] - lo["layers"])
                 out[key] = hi[key] + slope * (extrapolate_to - hi["layers"])
-            lines.append(f"| {program} | {mesh} | {lo['layers']}, {hi['layers']} | {gib(out['argument_bytes'])} | "
+            lines.append(f"| {program} | {mesh} | {var} | {lo['layers']}, {hi['layers']} | {gib(out['argument_bytes'])} | "
                          f"{gib(out['temp_bytes'])} | {gib(out['peak_bytes'])} | {fits(out['peak_bytes'], 95)} | "
                          f"{fits(out['peak_bytes'], 80)} |")
     return "\n".join(lines)
+
+
+def run_one(args, mesh: str, program: str, layers: int, env: dict) -> dict:
+    """Compiles one (mesh, program) in a subprocess; appends its row to --json."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--_one", "--mesh", mesh, "--program", program,
+           "--layers", str(layers), "--batch", str(args.batch), "--seq", str(args.seq),
+           "--attention", args.attention, "--expert-parallel", args.expert_parallel,
+           "--grouped-matmul", args.grouped_matmul]
+    cmd += ["--slice-expert-layers"] if args.slice_expert_layers else []
+    cmd += ["--capacity-factor", str(args.capacity_factor)] if args.capacity_factor else []
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        if proc.returncode == 0:
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+        else:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
+            row = {"mesh": mesh, "program": program, "layers": layers, "error": tail[0]}
+            print(proc.stderr[-3000:], file=sys.stderr)
+    except subprocess.TimeoutExpired:
+        row = {"mesh": mesh, "program": program, "layers": layers, "error": f"compile did not finish in {args.timeout}s"}
+    row["wall_s"] = round(time.perf_counter() - start, 1)
+    row["batch"], row["seq"] = args.batch, args.seq
+    with open(args.json, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
 
 
 def main() -> int:
@@ -352,6 +437,9 @@ def main() -> int:
     p.add_argument("--grouped-matmul", default="standin", choices=["standin", "tiled"],
                    help="standin (default): a scan over experts with the Pallas kernels' memory profile; tiled: the "
                         "CPU path as written")
+    p.add_argument("--slice-expert-layers", action="store_true",
+                   help="bench-side patch: give the expert-parallel shard_map one layer's expert matrices instead "
+                        "of the whole stack (without it, FSDP all-gathers every layer's experts at once)")
     p.add_argument("--expert-parallel", default="auto", choices=["auto", "none"],
                    help="Runtime.expert_parallel (default auto: the shard_map path where it applies)")
     p.add_argument("--capacity-factor", type=float, default=None,
@@ -359,6 +447,9 @@ def main() -> int:
     p.add_argument("--timeout", type=int, default=3600, help="seconds per compile (default 3600)")
     p.add_argument("--json", default=os.path.join(ROOT, "bench", "scaleout_results.jsonl"),
                    help="append each result row here (JSON lines)")
+    p.add_argument("--all-variants", action="store_true",
+                   help="the recorded set: baseline and --slice-expert-layers on the default meshes, capacity 1.25 on "
+                        "three, the CPU paths as written (XLA attention, tiled grouped matmul) on one")
     p.add_argument("--table-from", default=None, help="only print the table of an existing JSON-lines file")
     p.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mesh", help=argparse.SUPPRESS)
@@ -375,42 +466,27 @@ def main() -> int:
         print(table(rows, args.extrapolate))
         return 0
 
+    runs = [("", args.meshes)]
+    if args.all_variants:
+        runs = [("", DEFAULT_MESHES), ("--slice-expert-layers", DEFAULT_MESHES),
+                ("--slice-expert-layers --capacity-factor 1.25", "8x8x1:fsdp,8x4x2:fsdp,1x64x1"),
+                ("--attention xla --grouped-matmul tiled", "8x8x1:fsdp")]
     rows = []
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={args.devices}"])
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(x for x in (ROOT, env.get("PYTHONPATH")) if x)
-    for layers in [int(v) for v in args.layers.split(",")]:
-        for mesh in args.meshes.split(","):
-            (d, e, t), _ = parse_mesh(mesh)
-            if d * e * t > args.devices:
-                print(f"skip {mesh}: {d * e * t} devices > --devices {args.devices}", file=sys.stderr)
-                continue
-            for program in args.what.split(","):
-                cmd = [sys.executable, os.path.abspath(__file__), "--_one", "--mesh", mesh, "--program", program,
-                       "--layers", str(layers), "--batch", str(args.batch), "--seq", str(args.seq),
-                       "--attention", args.attention, "--expert-parallel", args.expert_parallel,
-                       "--grouped-matmul", args.grouped_matmul]
-                cmd += ["--capacity-factor", str(args.capacity_factor)] if args.capacity_factor else []
-                start = time.perf_counter()
-                try:
-                    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-                    if proc.returncode == 0:
-                        row = json.loads(proc.stdout.strip().splitlines()[-1])
-                    else:
-                        tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
-                        row = {"mesh": mesh, "program": program, "layers": layers, "error": tail[0]}
-                        print(proc.stderr[-3000:], file=sys.stderr)
-                except subprocess.TimeoutExpired:
-                    row = {"mesh": mesh, "program": program, "layers": layers,
-                           "error": f"compile did not finish in {args.timeout}s"}
-                row["wall_s"] = round(time.perf_counter() - start, 1)
-                row["batch"], row["seq"] = args.batch, args.seq
-                rows.append(row)
-                with open(args.json, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(json.dumps(row), file=sys.stderr, flush=True)
+    for extra, meshes in runs:
+        run_args = p.parse_args(sys.argv[1:] + extra.split()) if extra else args
+        for layers in [int(v) for v in args.layers.split(",")]:
+            for mesh in meshes.split(","):
+                (d, e, t), _ = parse_mesh(mesh)
+                if d * e * t > args.devices:
+                    print(f"skip {mesh}: {d * e * t} devices > --devices {args.devices}", file=sys.stderr)
+                    continue
+                for program in args.what.split(","):
+                    rows.append(run_one(run_args, mesh, program, layers, env))
     print(table(rows, args.extrapolate))
     return 0
 
