@@ -44,7 +44,7 @@ def _workspace(root: str):
         "runtime": {"dtype": "float32", "param_dtype": "float32"},
         "data": {"manifest": os.path.join(data, "train.jsonl"), "tokenizer": data, "batch_size": 4,
                  "seq_buckets": [64]},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "optim": {"lr": 3e-3, "warmup_steps": 2, "total_steps": 6},  # the schedule of both runs
         "max_steps": 6,
         "checkpoint": {"save_every": 2, "keep": 2},
         "log": {"every": 1, "progress_bar": False},
