@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from omni_jax import sharding
 
 __all__ = ["self_attention", "cached_attention", "masked_attention", "structure_mask"]
 
@@ -83,6 +86,47 @@ def _use_pallas(impl: str) -> tuple[bool, bool]:
     return False, False
 
 
+def _kernel_pspecs(q_shape, kv_heads: int, mesh) -> tuple[P, P, P]:
+    """(q, k/v, segment-id) PartitionSpecs for the kernel's shard_map: batch over the activation batch
+    axes, heads over `tensor`, each as far as the sizes divide (heads only when both Hq and Hkv divide:
+    contiguous head blocks then keep every query head with its KV head)."""
+    shape = dict(mesh.shape)
+    b = q_shape[0]
+    batch = sharding.logical_to_pspec(("batch",), None, (b,), shape)[0]
+    heads = sharding.logical_to_pspec(("q_heads",), None, (kv_heads,), shape)[0]
+    return P(batch, None, heads, None), P(batch, None, heads, None), P(batch, None)
+
+
+def _kernel_attention(q, k, v, segment_ids, causal, window, scale, interpret):
+    """The Pallas flash kernel, in `shard_map` under a multi-device ambient mesh.
+
+    XLA cannot partition the kernel's custom call: left to the partitioner it would gather q, k and
+    v onto every device. Attention is independent per (row, head), so each shard runs the kernel on
+    its own rows and heads. One device (or no mesh): the kernel is called directly.
+    """
+    import pallas_kernels  # noqa: PLC0415 - optional dependency of the model package
+
+    def kernel(q, k, v, segment_ids):
+        return pallas_kernels.windowed_attention(
+            q, k, v, segment_ids=segment_ids, causal=causal, window=window, scale=scale, interpret=interpret
+        )
+
+    mesh = sharding.ambient_mesh()
+    if mesh is None or mesh.size == 1:
+        return kernel(q, k, v, segment_ids)
+    q_spec, kv_spec, seg_spec = _kernel_pspecs(q.shape, k.shape[2], mesh)
+    # check_vma=False: the kernels' `pallas_call` out_shapes carry no varying-axes type, which
+    # check_vma=True requires; each shard's output depends only on its own rows and heads.
+    if segment_ids is None:
+        return jax.shard_map(
+            lambda q, k, v: kernel(q, k, v, None),
+            in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False,
+        )(q, k, v)
+    return jax.shard_map(
+        kernel, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False,
+    )(q, k, v, segment_ids)
+
+
 def self_attention(
     q: jax.Array,
     k: jax.Array,
@@ -104,11 +148,7 @@ def self_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     use_kernel, interpret = _use_pallas(impl)
     if use_kernel:
-        import pallas_kernels  # noqa: PLC0415 - optional dependency of the model package
-
-        return pallas_kernels.windowed_attention(
-            q, k, v, segment_ids=segment_ids, causal=causal, window=window, scale=scale, interpret=interpret
-        )
+        return _kernel_attention(q, k, v, segment_ids, causal, window, scale, interpret)
     mask = structure_mask(
         q.shape[1], k.shape[1], segment_ids_q=segment_ids, causal=causal, window=window, batch=q.shape[0]
     )
