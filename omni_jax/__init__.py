@@ -9,13 +9,13 @@ Top-level names are imported lazily, so that `omni_jax.processing` (numpy only) 
 
 import importlib
 
-__all__ = ["OmniConfig", "Runtime", "load_config", "preset", "OmniModel", "GenerateOutput", "load_pretrained"]
+__all__ = ["OmniConfig", "Runtime", "load_config", "preset", "OmniModel", "GenerateOutput", "load_pretrained", "MeshConfig"]
 __version__ = "0.1.0"
 
 _WHERE = {
     "OmniConfig": "omni_jax.config", "Runtime": "omni_jax.config", "load_config": "omni_jax.config",
     "preset": "omni_jax.config", "OmniModel": "omni_jax.model", "GenerateOutput": "omni_jax.model",
-    "load_pretrained": "omni_jax.model",
+    "load_pretrained": "omni_jax.model", "MeshConfig": "omni_jax.sharding",
 }
 
 
