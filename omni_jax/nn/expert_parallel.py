@@ -247,8 +247,12 @@ def expert_parallel_moe(
             P("expert", None, tp), P("expert", None, tp), P("expert", tp, None),
         ),
         out_specs=(P(token_axes, None), P(token_axes, None), P()),
-        # grouped_swiglu's CPU loop (a lax.cond over a zeros-initialised carry) does not type-check
-        # under varying-manual-axes checking; replication is exact here by construction instead.
+        # Not check_vma=True, although grouped_swiglu's CPU loop now type-checks under it: (1) the
+        # Pallas kernels' `pallas_call` out_shapes carry no varying-axes type, which it requires; (2)
+        # it makes the backward of the implicit invariant->varying casts psums *inside* the body
+        # (weight cotangents over `data`, router over the token axes), which XLA:CPU may order
+        # differently from the all-to-all on different devices: the (2,2,2) gradient test then
+        # deadlocked in the collectives' rendezvous. Replication is exact here by construction.
         check_vma=False,
     )
     y, logits, dropped = mapped(x_pad, valid, params["gate"]["kernel"], gate_w, up_w, down_w)

@@ -181,8 +181,27 @@ def _swiglu_visits(x, gate_w, up_w, down_w, group_sizes, layer, tile_rows: int):
         return jax.lax.cond(live, compute, lambda o: o, out), None
 
     out0 = jnp.zeros((rows + tile_rows, hidden_out), dtype)
+    # Inside shard_map (check_vma=True) a computed tile varies over the mesh axes its inputs vary
+    # over; the carry, and so the skipped visit's pass-through branch, must be typed the same.
+    # Outside shard_map there are no such axes and the program is unchanged.
+    varying = _varying_axes(x, gate_w, up_w, down_w, group_sizes)
+    if varying:
+        out0 = jax.lax.pcast(out0, varying, to="varying")
     out, _ = jax.lax.scan(body, out0, (visit_group, visit_row0, visit_live))
     return out[:rows]
+
+
+def _varying_axes(*arrays) -> tuple[str, ...]:
+    """The manual mesh axes (inside `shard_map`) any of `arrays` varies over; () outside one.
+
+    JAX 0.10 exposes them as `typeof(x).manual_axis_type.varying`, earlier releases as `typeof(x).vma`.
+    """
+    axes: set[str] = set()
+    for a in arrays:
+        aval = jax.typeof(a)
+        mat = getattr(aval, "manual_axis_type", None)
+        axes.update(mat.varying if mat is not None else getattr(aval, "vma", ()))
+    return tuple(sorted(axes))
 
 
 def _swiglu_tile_rows(rows: int, num_groups: int, max_group_size: int | None) -> int:

@@ -132,6 +132,26 @@ try:
     out["ragged_on_cpu"] = "ran"
 except Exception as e:  # XLA:CPU has no ragged-all-to-all
     out["ragged_on_cpu"] = f"{type(e).__name__}: {str(e)[:200]}"
+
+# grouped_swiglu's CPU loop type-checks under shard_map(check_vma=True): each shard runs its expert
+# block (split over `expert`) on its own rows (split over `data`), hidden dim split over `tensor`.
+from jax.sharding import PartitionSpec as P
+from omni_jax.nn.grouped_matmul import grouped_swiglu
+xs = jnp.asarray(rng.standard_normal((2, 2, 96, D)), jnp.float32)  # (data, expert, rows, D)
+sizes = jnp.asarray([[[40, 0, 30, 26], [0, 0, 0, 96]], [[10, 20, 30, 36], [96, 0, 0, 0]]], jnp.int32)
+w = {k: v[LAYER] for k, v in params["experts"].items()}  # (8, ...): 4 experts per expert shard
+def vma_body(x, s, g, u, d):
+    y = grouped_swiglu(x[0, 0], g, u, d, s[0, 0], impl="tiled", max_group_size=96)
+    return jax.lax.psum(y, "tensor")[None, None]
+with jax.set_mesh(sharding.make_mesh(2, 2, 2)):
+    y_vma = jax.jit(jax.shard_map(
+        vma_body, in_specs=(P("data", "expert"), P("data", "expert"), P("expert", None, "tensor"),
+                            P("expert", None, "tensor"), P("expert", "tensor", None)),
+        out_specs=P("data", "expert"), check_vma=True))(xs, sizes, w["gate_proj"], w["up_proj"], w["down_proj"])
+y_ref = jnp.stack([jnp.stack([
+    grouped_swiglu(xs[i, j], *(w[k][4 * j:4 * j + 4] for k in ("gate_proj", "up_proj", "down_proj")), sizes[i, j],
+                   impl="tiled", max_group_size=96) for j in range(2)]) for i in range(2)])
+out["check_vma_swiglu"] = rel(y_vma, y_ref)
 print(json.dumps(out))
 """
 
@@ -187,3 +207,8 @@ def test_cpu_uses_dense_exchange_because_ragged_is_unimplemented(results):
     assert results["auto_exchange_on_cpu"] == "dense"
     assert "ragged" in results["ragged_on_cpu"].lower() and "not supported" in results["ragged_on_cpu"], results[
         "ragged_on_cpu"]
+
+
+def test_grouped_swiglu_cpu_loop_type_checks_under_check_vma(results):
+    """The carry of the group-aligned loop is cast to the axes its tiles vary over (shard_map check_vma)."""
+    assert results["check_vma_swiglu"] <= TOL, results["check_vma_swiglu"]
