@@ -8,7 +8,9 @@ vocab 8192), fp32, batch 4 x 256 tokens with labels on the second half of every 
 forward + backward + AdamW (+ global-norm clipping) with the thinker's loss: next-token
 cross-entropy + 0.001 x the MoE load-balancing loss. omni_jax: the jitted `TrainStep` (donated
 state); reference: `Qwen3OmniMoeThinkerForConditionalGeneration(labels=..., output_router_logits=True)`,
-`loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW.step()`. Both start from the same weights;
+`loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW.step()`. omni_jax's MoE runs `--moe-impl` (default on CPU: dense, every expert
+on every token: the tiled grouped loop's autodiff re-writes the whole expert stack per tile, ~9x
+slower than dense at this size; see the README). Both start from the same weights;
 the first step's losses are printed side by side as a check. Timings exclude compilation and a
 warm-up step; the mean over `--steps` steps counts. Prints tokens/s for both and the ratio.
 
@@ -45,6 +47,7 @@ def _train_config(args, extra=()):
 
     return TrainConfig.load(None, [
         f"runtime.dtype={args.dtype}", f"runtime.param_dtype={args.param_dtype}", f"runtime.remat={args.remat}",
+        f"runtime.moe_impl={args.moe_impl}",
         "stage=thinker", "optim.lr=1e-4", "optim.weight_decay=0.1", "optim.grad_clip_norm=1.0",
         f"max_steps={args.steps + 2}", *extra,
     ])
@@ -119,7 +122,8 @@ def cpu_bench(args) -> int:
           f"torch {torch.__version__} (experts: {experts}), jax {jax.__version__}")
     print(f"model: hidden {config.text.hidden_size}, {config.text.num_hidden_layers} layers, {config.text.num_experts} "
           f"experts top-{config.text.num_experts_per_tok}, vocab {config.text.vocab_size}; batch {args.batch} x "
-          f"{args.seq} tokens, {args.dtype} compute, {args.param_dtype} weights, remat {args.remat}")
+          f"{args.seq} tokens, {args.dtype} compute, {args.param_dtype} weights, remat {args.remat}, "
+          f"omni_jax moe_impl {args.moe_impl}")
     print(f"first-step loss: omni_jax {our_first:.6f}  reference {ref_first:.6f}")
     print(f"omni_jax : {ours * 1e3:8.1f} ms/step  {tokens / ours:10.0f} tokens/s")
     print(f"reference: {theirs * 1e3:8.1f} ms/step  {tokens / theirs:10.0f} tokens/s")
@@ -174,8 +178,15 @@ def main() -> int:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--param-dtype", default="float32")
     parser.add_argument("--remat", default=None, choices=["none", "full", "dots"])
+    parser.add_argument("--moe-impl", default=None, choices=["grouped", "dense"],
+                        help="omni_jax MoE path (default: dense on CPU, whose tiled grouped loop has no efficient "
+                             "backward yet: ~9x slower than dense here; grouped elsewhere)")
     parser.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per device (default: by kind)")
     args = parser.parse_args()
+    import jax
+
+    if args.moe_impl is None:
+        args.moe_impl = "dense" if jax.default_backend() == "cpu" else "grouped"
     if args.mfu:
         args.batch, args.seq = args.batch or 8, args.seq or 2048
         args.dtype, args.remat = args.dtype or "bfloat16", args.remat or "dots"
