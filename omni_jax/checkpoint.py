@@ -55,6 +55,7 @@ def save_params(path: str, params: dict, config: OmniConfig, dtype: str, *, copy
 
 def restore_params(path: str, abstract_params: dict) -> dict:
     """Restores the parameter tree into the shapes/dtypes/shardings of `abstract_params`."""
+    path = os.path.abspath(path)  # orbax refuses relative paths
     with open(os.path.join(path, MARKER)) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT_VERSION:
