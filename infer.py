@@ -318,21 +318,9 @@ def collate(batch: list[Request], pad_id: int) -> tuple[np.ndarray, np.ndarray, 
     for row, r in enumerate(batch):
         ids[row, width - len(r.input_ids):] = r.input_ids
         mask[row, width - len(r.input_ids):] = 1
-    media: dict[str, np.ndarray] = {}
-    parts = [r.media for r in batch if r.media]
-    audio = [m for m in parts if "input_features" in m]
-    if audio:
-        # Frames past a clip's own mask are never read by the encoder; zero padding is exact.
-        t_max = max(m["input_features"].shape[-1] for m in audio)
-        media["input_features"] = np.concatenate(
-            [np.pad(m["input_features"], ((0, 0), (0, 0), (0, t_max - m["input_features"].shape[-1]))) for m in audio])
-        media["feature_attention_mask"] = np.concatenate(
-            [np.pad(m["feature_attention_mask"], ((0, 0), (0, t_max - m["feature_attention_mask"].shape[-1])))
-             for m in audio])
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid"):
-        arrays = [m[key] for m in parts if key in m]
-        if arrays:
-            media[key] = np.concatenate(arrays)
+    from omni_jax.processing.batching import concat_media  # noqa: PLC0415
+
+    media = concat_media([r.media for r in batch if r.media])
     if "pixel_values_videos" in media:
         media["use_audio_in_video"] = batch[0].use_audio_in_video
     return ids, mask, media

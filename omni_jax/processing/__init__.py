@@ -10,6 +10,7 @@ patchify), ``video`` (decode, sample, patchify, sound track), ``prompt`` (chat t
 placeholder expansion, tokenisation; ``process_messages`` runs the whole pipeline).
 """
 
+from .batching import concat_media
 from .audio import AudioLoadError, audio_output_length, load_audio, log_mel_features
 from .image import ImageLoadError, VisionSettings, load_image, process_images, smart_resize
 from .prompt import (
@@ -44,4 +45,5 @@ __all__ = [
     "expand_placeholders",
     "video_with_audio_placeholder",
     "process_messages",
+    "concat_media",
 ]

@@ -359,20 +359,9 @@ def collate(examples: list[dict], rows: int, seq_buckets, pad_id: int, *, speech
         labels[r, :n] = e["labels"]
         positions[:, r, :n] = e["position_ids"]
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
-    media = [e["media"] for e in examples if e["media"]]
-    audio = [m for m in media if "input_features" in m]
-    if audio:
-        # Frames past a clip's own mask are never read by the encoder: zero padding is exact.
-        t = max(m["input_features"].shape[-1] for m in audio)
-        batch["input_features"] = np.concatenate(
-            [np.pad(m["input_features"], ((0, 0), (0, 0), (0, t - m["input_features"].shape[-1]))) for m in audio])
-        batch["feature_attention_mask"] = np.concatenate(
-            [np.pad(m["feature_attention_mask"], ((0, 0), (0, t - m["feature_attention_mask"].shape[-1])))
-             for m in audio])
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid"):
-        parts = [m[key] for m in media if key in m]
-        if parts:
-            batch[key] = np.concatenate(parts)
+    from omni_jax.processing.batching import concat_media  # noqa: PLC0415
+
+    batch.update(concat_media([e["media"] for e in examples if e["media"]]))
     if "pixel_values_videos" in batch:
         batch["use_audio_in_video"] = bool(use_audio_in_video)
     if speech_targets:
