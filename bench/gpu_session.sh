@@ -12,7 +12,7 @@
 #
 # The GPU image has JAX/CUDA, torch and transformers but not transformers 5.23.0; carry it as a wheel
 # in .whl/ (see the device tool's README).
-set -u
+set -u -o pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
