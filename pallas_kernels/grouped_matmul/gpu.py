@@ -48,8 +48,10 @@ def _gmm_kernel(offsets_ref, visit_group_ref, visit_tile_ref, num_visits_ref, lh
   row0 = pl.multiple_of(tile * tm, tm)
   rows = row0 + lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
   store_mask = (rows >= offsets_ref[group]) & (rows < offsets_ref[group + 1]) & is_real_visit
-  # The padding group (index num_groups) and no-op slots do no matmul: zero trips.
-  trips = jnp.where(is_real_visit & (group < num_groups), num_k_tiles, 0)
+  # The padding group (index num_groups) and no-op slots do no matmul: zero trips. Not
+  # `jnp.where(cond, num_k_tiles, 0)`: Pallas' Triton lowering (JAX 0.10-0.11) types a select of
+  # two literals as i1, which Triton rejects ("scf.for ... have same type").
+  trips = (is_real_visit & (group < num_groups)).astype(jnp.int32) * num_k_tiles
   weights = jnp.minimum(group, num_groups - 1)
 
   def body(kt, acc):

@@ -27,6 +27,25 @@ ATTENTION_SHAPES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def verified_triton_modules(monkeypatch):
+  """Runs the MLIR verifier on every Triton module a test lowers (XLA does so only on the device:
+  a select of two literals typed as i1 once passed lowering here and failed on an H100/H200)."""
+  from jax._src.pallas.triton import lowering as triton_lowering  # noqa: PLC0415
+
+  lower = triton_lowering.lower_jaxpr_to_triton_module
+  verified = []
+
+  def lower_and_verify(*args, **kwargs):
+    result = lower(*args, **kwargs)
+    result.module.operation.verify()  # raises MLIRError naming the invalid op
+    verified.append(result)
+    return result
+
+  monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+  return verified
+
+
 def _lower(fn, args, platform):
   lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
   return lowered.as_text()
@@ -34,7 +53,7 @@ def _lower(fn, args, platform):
 
 @pytest.mark.parametrize("implementation", sorted(PLATFORMS))
 @pytest.mark.parametrize("name", sorted(ATTENTION_SHAPES))
-def test_attention_lowers_forward_and_backward(name, implementation):
+def test_attention_lowers_forward_and_backward(name, implementation, verified_triton_modules):
   platform, kind = PLATFORMS[implementation]
   batch, seq, hq, hkv, d, has_seg, mask = ATTENTION_SHAPES[name]
   blocks = pallas_kernels.default_block_sizes(implementation, kind)
@@ -50,11 +69,12 @@ def test_attention_lowers_forward_and_backward(name, implementation):
   text = _lower(jax.grad(loss, argnums=(0, 1, 2)), (q, kv, kv, seg), platform)
   marker = "__gpu$xla.gpu.triton" if implementation == "gpu" else "tpu_custom_call"
   assert text.count(marker) == 3  # forward, dq, dk/dv
+  assert len(verified_triton_modules) == (3 if implementation == "gpu" else 0)
 
 
 @pytest.mark.parametrize("implementation", sorted(PLATFORMS))
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_grouped_matmul_lowers_forward_and_backward(implementation, dtype):
+def test_grouped_matmul_lowers_forward_and_backward(implementation, dtype, verified_triton_modules):
   platform, kind = PLATFORMS[implementation]
   tiling = pallas_kernels.default_tiling(implementation, kind)
   # Thinker experts: 128 experts, hidden 2048 -> 768, 4096 tokens x top-8 rows.
@@ -70,3 +90,4 @@ def test_grouped_matmul_lowers_forward_and_backward(implementation, dtype):
   text = _lower(jax.grad(loss, argnums=(0, 1)), (lhs, rhs, sizes), platform)
   marker = "__gpu$xla.gpu.triton" if implementation == "gpu" else "tpu_custom_call"
   assert text.count(marker) == 3  # forward, dlhs, drhs
+  assert len(verified_triton_modules) == (3 if implementation == "gpu" else 0)
