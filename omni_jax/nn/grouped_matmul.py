@@ -204,6 +204,35 @@ def _varying_axes(*arrays) -> tuple[str, ...]:
     return tuple(sorted(axes))
 
 
+# Below this many rows (decode: tokens x top_k) the accelerator path gathers each row's three expert
+# matrices straight from the (stacked) weights instead of running the grouped kernel on a copy of the
+# layer's whole (G, D, F) stacks: at full size that copy is 1.2 GB per layer and made a decode step
+# ~30x slower than reading the routed experts (measured on an H200, bench/RESULTS.md).
+GATHER_MAX_ROWS = 64
+
+
+def _swiglu_gathered(x, gate_w, up_w, down_w, group_sizes, layer):
+    """`grouped_swiglu` by gathering weights[layer, group of row] per row: reads R (D, F) matrices per
+    projection, not G. For few rows only (the gather writes an (R, D, F) copy; its gradient is a
+    scatter into the whole stack)."""
+    rows = x.shape[0]
+    num_groups = gate_w.shape[-3]
+    dtype = x.dtype
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    row_ids = jnp.arange(rows, dtype=jnp.int32)
+    row_group = jnp.minimum(jnp.searchsorted(ends, row_ids, side="right"), num_groups - 1)
+    live = row_ids < ends[-1]
+
+    def per_row(w):  # (R, in, out)
+        return (w[row_group] if layer is None else w[layer, row_group]).astype(dtype)
+
+    def apply(h, w):
+        return jnp.einsum("rk,rkn->rn", h, per_row(w), preferred_element_type=jnp.float32).astype(dtype)
+
+    y = apply(jax.nn.silu(apply(x, gate_w)) * apply(x, up_w), down_w)
+    return jnp.where(live[:, None], y, jnp.zeros_like(y))
+
+
 def _swiglu_tile_rows(rows: int, num_groups: int, max_group_size: int | None) -> int:
     """Tile height for the group-aligned loop.
 
@@ -247,6 +276,8 @@ def grouped_swiglu(
         )
     dtype = x.dtype
     impl = _resolve(impl)
+    if impl == "pallas" and x.shape[0] <= GATHER_MAX_ROWS:
+        return _swiglu_gathered(x, gate_w, up_w, down_w, group_sizes, layer)
     if impl != "tiled":
         if stacked:
             gate_w, up_w, down_w = (jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)

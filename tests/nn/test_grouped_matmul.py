@@ -94,8 +94,13 @@ def test_grouped_swiglu_matches_per_group_swiglu(sizes, max_group_size, stacked)
          for shape in ((16, 12), (16, 12), (12, 16))]
     sizes_j = jnp.asarray(sizes, jnp.int32)
     expected = _swiglu_reference(x, w[0][1], w[1][1], w[2][1], sizes)
-    for impl in ("tiled", "ragged_dot"):
-        if stacked:
+    for impl in ("tiled", "ragged_dot", "gathered"):  # gathered: the accelerators' path for few rows
+        if impl == "gathered":
+            from omni_jax.nn.grouped_matmul import _swiglu_gathered
+
+            out = (_swiglu_gathered(x, *w, sizes_j, jnp.int32(1)) if stacked
+                   else _swiglu_gathered(x, *(a[1] for a in w), sizes_j, None))
+        elif stacked:
             out = grouped_swiglu(x, *w, sizes_j, impl=impl, layer=jnp.int32(1), max_group_size=max_group_size)
         else:
             out = grouped_swiglu(x, *(a[1] for a in w), sizes_j, impl=impl, max_group_size=max_group_size)
