@@ -29,7 +29,7 @@ for step in "$@"; do
       python3 -c "import jax, jaxlib, torch, transformers; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, '| transformers', transformers.__version__)"
       ;;
     kernels)
-      timeout 240 python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+      timeout ${KERNELS_TIMEOUT:-200} python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
       ;;
     speech)
       SPEECH_ARGS=${SPEECH_ARGS:-}
