@@ -10,9 +10,10 @@ Random weights never stop by themselves, so the work is fixed: the thinker answe
 tokens (its EOS is an id no row can draw) and the talker speaks exactly `--frames` codec frames (every
 non-code talker id is suppressed, the codec EOS included, as `bench/speech_cpu.py` does). Greedy.
 
-Timed, each after a warm-up call of the same shapes (the warm-up's wall time, compiles included, is
-printed too):
-  * thinker: `generate(return_audio=False)`: prefill + `--answer` decode steps;
+Timed, each the median of `--repeats` calls after a warm-up call of the same shapes (the warm-up's
+wall time, compiles included, is printed too):
+  * thinker: `generate(return_audio=False)`: prefill + `--answer` decode steps, and with one new token
+    (prefill alone), hence the time per decode step;
   * stream: `generate(return_audio="stream")`, iterated to the end. Time to first audio packet (TTFA)
     = from the call to the first chunk holding samples (thinker prefill and answer, talker prefill,
     `--chunk-frames` frames, their Code2Wav decode). Real-time factor (RTF) = audio seconds per row /
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -95,6 +97,7 @@ def main() -> int:
     parser.add_argument("--chunk-frames", type=int, default=8, help="codec frames per streamed packet")
     parser.add_argument("--attention-impl", default="auto")
     parser.add_argument("--grouped-matmul-impl", default="auto")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -131,9 +134,9 @@ def main() -> int:
     common = dict(max_new_tokens=args.answer, eos_token_id=eos_never, max_audio_frames=args.frames,
                   talker_suppress_tokens=suppress, speaker=sorted(dict(tc.speaker_id))[0])
 
-    def thinker_only():
+    def thinker_only(new_tokens=args.answer):
         t = time.perf_counter()
-        out = model.generate(ids, mask, **common)
+        out = model.generate(ids, mask, **{**common, "max_new_tokens": new_tokens})
         return time.perf_counter() - t, out
 
     def stream():
@@ -157,16 +160,21 @@ def main() -> int:
         return stats.get("peak_bytes_in_use", 0) / 2**30
 
     warm, _ = thinker_only()
-    thinker_s, _ = thinker_only()
-    result["thinker"] = {"warmup_s": warm, "s": thinker_s,
+    thinker_only(1)
+    # Median of --repeats: the first timed calls on a fresh GPU process ran up to 4x slower.
+    thinker_s = statistics.median(thinker_only()[0] for _ in range(args.repeats))
+    prefill_s = statistics.median(thinker_only(1)[0] for _ in range(args.repeats))
+    decode_ms = 1e3 * (thinker_s - prefill_s) / max(args.answer - 1, 1)
+    result["thinker"] = {"warmup_s": warm, "s": thinker_s, "prefill_s": prefill_s, "decode_ms_per_step": decode_ms,
                          "answer_tok_per_s": args.batch * args.answer / thinker_s}
     print(f"thinker: warm-up {warm:.1f} s; prefill {args.batch}x{args.prompt} + {args.answer} tokens: "
-          f"{thinker_s:.3f} s ({result['thinker']['answer_tok_per_s']:.1f} answer tok/s incl. prefill)", flush=True)
+          f"{thinker_s:.3f} s (prefill + 1 token {prefill_s:.3f} s; {decode_ms:.1f} ms per decode step)", flush=True)
 
     t = time.perf_counter()
     stream()
     warm_stream = time.perf_counter() - t
-    s = stream()
+    runs = sorted((stream() for _ in range(args.repeats)), key=lambda r: r["total_s"])
+    s = runs[len(runs) // 2]
     audio_s = max(s["samples"]) / SAMPLE_RATE
     speech_s = s["total_s"] - s["text_s"]
     result["stream"] = {**s, "warmup_s": warm_stream, "audio_s_per_row": audio_s, "speech_s": speech_s,
@@ -179,7 +187,8 @@ def main() -> int:
 
     if not args.skip_offline:
         offline()
-        off_s, lengths = offline()
+        timed = sorted(offline() for _ in range(args.repeats))
+        off_s, lengths = timed[len(timed) // 2]
         off_audio = max(lengths) / SAMPLE_RATE
         result["offline"] = {"s": off_s, "speech_s": off_s - thinker_s, "audio_s_per_row": off_audio,
                              "rtf_speech": off_audio / (off_s - thinker_s), "rtf_total": off_audio / off_s}
