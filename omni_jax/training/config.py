@@ -121,12 +121,16 @@ class LossConfig:
     router_aux_loss_coef, 0.001 for the published model). aux_loss_scope: "global" computes the
     expert-load statistics over the whole global batch, all micro-batches together (exact, costs an
     extra forward per micro-batch when grad_accum_steps > 1); "micro_batch" uses each micro-batch's own.
-    talker_loss_coef / code_predictor_loss_coef weight the speech cross-entropies (talker stage)."""
+    talker_loss_coef / code_predictor_loss_coef weight the speech cross-entropies (talker stage).
+    talker_aux_loss_coef: the talker's own MoE load-balancing coefficient (None: the talker text config's
+    router_aux_loss_coef), computed per micro-batch over the talker sequence as the reference talker's
+    `aux_loss`."""
 
     aux_loss_coef: float | None = None
     aux_loss_scope: str = "global"
     talker_loss_coef: float = 1.0
     code_predictor_loss_coef: float = 1.0
+    talker_aux_loss_coef: float | None = None
 
     def __post_init__(self):
         if self.aux_loss_scope not in ("global", "micro_batch"):
@@ -244,6 +248,13 @@ class TrainConfig:
         if self.loss.aux_loss_coef is not None:
             return float(self.loss.aux_loss_coef)
         return float(model_config.thinker_config.text_config.router_aux_loss_coef)
+
+    def talker_aux_loss_coef(self, model_config) -> float:
+        if self.loss.talker_aux_loss_coef is not None:
+            return float(self.loss.talker_aux_loss_coef)
+        if model_config.talker_config is None:
+            return 0.0
+        return float(model_config.talker_config.text_config.router_aux_loss_coef)
 
     # ------------------------------------------------------------------------------------- I/O
     @classmethod

@@ -38,6 +38,7 @@ from omni_jax import code_predictor as cp
 from omni_jax import talker, thinker
 from omni_jax.config import OmniConfig, Runtime
 from omni_jax.nn import decoder
+from omni_jax.training.losses import load_balancing_loss
 
 __all__ = [
     "DEFAULT_SPEAKER",
@@ -150,6 +151,7 @@ class SpeechLogits(NamedTuple):
     talker_hidden: jax.Array  # (B, F + 1, D) the final-normed talker states behind them
     code_predictor: jax.Array  # (B, F, G - 1, V_cp): entry [k, g] predicts frame k's codebook g + 1
     inputs: TeacherForcedTalker  # the talker sequence they came from
+    router_logits: jax.Array  # (L, B * S_talker, E) the talker's router logits over the whole sequence
 
 
 def speech_logits(
@@ -183,7 +185,8 @@ def speech_logits(
         tp["code_predictor"], hidden[:, :f].reshape(b * f, d), first.reshape(b * f, d),
         codes[..., 1:].reshape(b * f, g - 1), tc.code_predictor_config, rt,
     )
-    return SpeechLogits(talker.codec_logits(tp, hidden), hidden, cp_logits.reshape(b, f, g - 1, -1), seq)
+    return SpeechLogits(talker.codec_logits(tp, hidden), hidden, cp_logits.reshape(b, f, g - 1, -1), seq,
+                        out.router_logits)
 
 
 def _masked_ce(logits, targets, mask):
@@ -223,7 +226,8 @@ def speech_losses(
     Returns (talker_ce, code_predictor_ce, metrics): fp32 scalars, the means over real targets (0 when
     the batch has none), and a dict of scalars: the sums and target counts behind both means
     (`talker_ce_sum`, `talker_targets`, `code_predictor_ce_sum`, `code_predictor_targets`, for
-    token-weighted accumulation), argmax accuracies and `speech_rows`.
+    token-weighted accumulation), argmax accuracies, `speech_rows` and `talker_aux_loss` (the talker's
+    MoE load-balancing loss, as the reference talker's `aux_loss`).
     """
     return losses_from_logits(
         speech_logits(params, thinker_embeds_bsd, thinker_hidden_bsd, batch, config, rt, user_length=user_length),
@@ -248,7 +252,12 @@ def losses_from_logits(logits: SpeechLogits, batch: dict, config: OmniConfig) ->
     c_sum, c_n, c_hit = _masked_ce(logits.code_predictor, codes[..., 1:], mask1)
     talker_ce = t_sum / jnp.maximum(t_n, 1.0)
     cp_ce = c_sum / jnp.maximum(c_n, 1.0)
+    # The reference talker's `aux_loss` (`output_router_logits=True`): load balancing over every real
+    # position of the talker sequence, rows without speech included (they still run the talker).
+    talker_aux = load_balancing_loss(logits.router_logits, logits.inputs.attention_mask,
+                                     tc.text_config.num_experts_per_tok)
     metrics = {
+        "talker_aux_loss": talker_aux,
         "talker_ce_sum": t_sum,
         "talker_targets": t_n,
         "talker_accuracy": t_hit / jnp.maximum(t_n, 1.0),

@@ -13,7 +13,10 @@ jitted program with the state donated. Statistics are those of the whole global 
     fractions f are counted over the global batch first (a forward-only pass per micro-batch when
     there are several; `loss.aux_loss_scope="micro_batch"` skips it), then each micro-batch adds
     E * sum_e f_e * (its router-probability sums) / rows, whose sum is the global loss;
-  * talker / code-predictor cross-entropies (`speech_losses`): sums over the global target counts.
+  * talker / code-predictor cross-entropies (`speech_losses`): sums over the global target counts;
+  * the talker's own MoE load balancing (the reference talker's `aux_loss`, coefficient
+    `loss.talker_aux_loss_coef`, default the talker config's router_aux_loss_coef): each
+    micro-batch's own statistics, averaged over micro-batches.
 
 Across devices the batch is one global array (rows sharded over the mesh's data and expert axes),
 so the same sums are global without any explicit collective. Media are encoded per row group
@@ -118,6 +121,7 @@ class TrainStep:
         text = model_config.thinker_config.text_config
         self.top_k = text.num_experts_per_tok if text.num_experts else 0
         self.aux_coef = train_cfg.aux_loss_coef(model_config) if self.top_k else 0.0
+        self.talker_aux_coef = train_cfg.talker_aux_loss_coef(model_config)
         self.trains_thinker = any(p.startswith("thinker/") for p in self.trainable)
         self.trains_talker = any(p.startswith("talker/") for p in self.trainable)
         if self.trains_talker and model_config.talker_config is None:
@@ -275,6 +279,9 @@ class TrainStep:
             sums["cp_ce_sum"] = sm["code_predictor_ce_sum"]
             sums["talker_hits"] = sm["talker_accuracy"] * sm["talker_targets"]
             sums["cp_hits"] = sm["code_predictor_accuracy"] * sm["code_predictor_targets"]
+            # Per micro-batch statistics (as the thinker's "micro_batch" scope), averaged over them.
+            loss = loss + self.talker_aux_coef * sm["talker_aux_loss"] / self.accum
+            sums["talker_aux_loss"] = sm["talker_aux_loss"] / self.accum
         sums["loss"] = loss
         return loss, sums
 
@@ -341,6 +348,7 @@ class TrainStep:
             metrics["code_predictor_loss"] = sums["cp_ce_sum"] / totals["cp_targets"]
             metrics["talker_accuracy"] = sums["talker_hits"] / totals["talker_targets"]
             metrics["code_predictor_accuracy"] = sums["cp_hits"] / totals["cp_targets"]
+            metrics["talker_aux_loss"] = sums["talker_aux_loss"]
         return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}, grads
 
     def _step(self, state: TrainState, batch: dict):

@@ -262,18 +262,23 @@ def test_teacher_forced_positions_equal_inference():
 
 
 def test_talker_logits_equal_the_reference_forward():
-    """The same teacher-forced inputs_embeds through the PyTorch reference talker and code predictor."""
+    """The same teacher-forced inputs_embeds through the PyTorch reference talker and code predictor: logits,
+    and the talker's load-balancing loss."""
     config, ref, params = _model()
     generated = [_speak(0, False, seed=1), _speak(1, False, seed=2)]
-    (_, _, _, out), _ = _run(_training_batch(generated))
+    (_, _, metrics, out), _ = _run(_training_batch(generated))
     seq = out.inputs
     with torch.no_grad():
         ref.talker.rope_deltas = None
-        expected = ref.talker(
+        ref_out = ref.talker(
             inputs_embeds=torch.tensor(np.asarray(seq.embeds)),
             attention_mask=torch.tensor(np.asarray(seq.attention_mask)),
             position_ids=torch.tensor(np.asarray(seq.position_ids)).long(),
-        ).logits.numpy()[:, -MAX_FRAMES - 1:]
+            output_router_logits=True,
+        )
+        expected = ref_out.logits.numpy()[:, -MAX_FRAMES - 1:]
+    # The talker's MoE load-balancing loss is the reference talker's `aux_loss` on the same sequence.
+    np.testing.assert_allclose(float(metrics["talker_aux_loss"]), ref_out.aux_loss.item(), rtol=1e-5)
     for r, g in enumerate(generated):
         frames = g.codes.shape[0]
         _close(np.asarray(out.talker)[r, : frames + 1], expected[r, : frames + 1], f"row {r} vs reference talker")

@@ -311,6 +311,12 @@ def test_talker_stage_trains_talker_and_code_predictor_with_the_thinker_frozen()
         state, metrics = step(state, batch)
         history.append(jax.device_get(metrics))
     assert "ce_loss" not in history[0]  # the thinker's loss is not trained in this stage
+    # The loss is both cross-entropies plus the talker's own load-balancing term (the reference talker's).
+    first = history[0]
+    coef = config.talker_config.text_config.router_aux_loss_coef
+    assert first["talker_aux_loss"] > 0  # its value is checked against the reference in test_speech_losses
+    np.testing.assert_allclose(
+        first["loss"], first["talker_loss"] + first["code_predictor_loss"] + coef * first["talker_aux_loss"], rtol=1e-6)
     for key in ("talker_loss", "code_predictor_loss"):
         assert history[-1][key] < 0.5 * history[0][key], (key, history[0][key], history[-1][key])
     after = flatten(jax.tree.map(np.asarray, state.params))
