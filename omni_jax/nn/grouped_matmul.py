@@ -145,50 +145,99 @@ def _matrix(weights, layer, group, dtype):
     return jax.lax.dynamic_slice(weights, (layer, group, 0, 0), (1, 1, k, n))[0, 0].astype(dtype)
 
 
-def _swiglu_visits(x, gate_w, up_w, down_w, group_sizes, layer, tile_rows: int):
-    rows, _ = x.shape
+def _swiglu_visits(out, x, gate_w, up_w, down_w, starts, sizes, layer, tile_rows: int, max_rows: int):
+    """Writes group g's rows [starts[g], starts[g] + sizes[g]) of `out` with their SwiGLU, tile by tile.
+
+    A group's tiles start at its first row, so a group of n rows costs ceil(n / tile) visits, each
+    one (tile, D) x (D, F) product per matrix; rows of `out` that no visit covers are left as they
+    are. `max_rows` is a static bound on sum(sizes), which bounds the number of visits.
+    """
+    rows = x.shape[0]
     num_groups = gate_w.shape[-3]
-    hidden_out = down_w.shape[-1]
     dtype = x.dtype
-    sizes = group_sizes.astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
-    starts = ends - sizes
+    sizes = sizes.astype(jnp.int32)
+    starts = starts.astype(jnp.int32)
+    ends = starts + sizes
     visits_per_group = -(-sizes // tile_rows)
     visit_ends = jnp.cumsum(visits_per_group)
     total_visits = visit_ends[-1]
-    # sum_g ceil(n_g / t) <= rows / t + (number of non-empty groups): a static bound on visits.
-    num_visits = -(-rows // tile_rows) + min(num_groups, rows)
-    visit = jnp.arange(num_visits, dtype=jnp.int32)
+    # sum_g ceil(n_g / t) <= sum_g n_g / t + (number of non-empty groups): a static bound on visits.
+    num_visits = -(-max_rows // tile_rows) + min(num_groups, max_rows)
+    if num_visits == 0:
+        return out
+    # Visits run in chunks, each skipped whole when it holds no live visit: the bound is loose (most
+    # of it dead when groups are balanced) and a dead visit still costs a loop trip.
+    chunk = min(_VISIT_CHUNK, num_visits)
+    num_chunks = -(-num_visits // chunk)
+    visit = jnp.arange(num_chunks * chunk, dtype=jnp.int32)
     visit_group = jnp.minimum(jnp.searchsorted(visit_ends, visit, side="right"), num_groups - 1).astype(jnp.int32)
     visit_row0 = starts[visit_group] + (visit - (visit_ends - visits_per_group)[visit_group]) * tile_rows
+    # A tile that would run past the last row is moved back to end there; the rows it then covers
+    # in front of its group's range are masked off like the rows past the group's end.
+    visit_tile0 = jnp.clip(visit_row0, 0, rows - tile_rows)
     visit_live = visit < total_visits
+    plan = jnp.stack([visit_group, visit_row0, visit_tile0, visit_live.astype(jnp.int32)], axis=1)
+    plan = plan.reshape(num_chunks, chunk, 4)
 
-    x_padded = jnp.pad(x, ((0, tile_rows), (0, 0)))  # a tile starting at any row stays in bounds
-
-    def body(out, inputs):
-        group, row0, live = inputs
+    def visit_one(out, step):
+        group, row0, tile0, live = step[0], step[1], step[2], step[3]
 
         def compute(out):
-            x_tile = jax.lax.dynamic_slice_in_dim(x_padded, row0, tile_rows, axis=0)
+            x_tile = jax.lax.dynamic_slice_in_dim(x, tile0, tile_rows, axis=0)
             gate = jnp.dot(x_tile, _matrix(gate_w, layer, group, dtype), preferred_element_type=jnp.float32).astype(dtype)
             up = jnp.dot(x_tile, _matrix(up_w, layer, group, dtype), preferred_element_type=jnp.float32).astype(dtype)
             act = jax.nn.silu(gate) * up
             y = jnp.dot(act, _matrix(down_w, layer, group, dtype), preferred_element_type=jnp.float32).astype(dtype)
-            keep = (row0 + jnp.arange(tile_rows)) < ends[group]
-            current = jax.lax.dynamic_slice_in_dim(out, row0, tile_rows, axis=0)
-            return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep[:, None], y, current), row0, axis=0)
+            row = tile0 + jnp.arange(tile_rows)
+            keep = (row >= row0) & (row < ends[group])
+            current = jax.lax.dynamic_slice_in_dim(out, tile0, tile_rows, axis=0)
+            return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep[:, None], y, current), tile0, axis=0)
 
-        return jax.lax.cond(live, compute, lambda o: o, out), None
+        return jax.lax.cond(live > 0, compute, lambda o: o, out), None
 
-    out0 = jnp.zeros((rows + tile_rows, hidden_out), dtype)
+    def run_chunk(out, steps):
+        def run(out):
+            return jax.lax.scan(visit_one, out, steps)[0]
+
+        return jax.lax.cond(steps[0, 3] > 0, run, lambda o: o, out), None
+
+    return jax.lax.scan(run_chunk, out, plan)[0]
+
+
+_VISIT_CHUNK = 8
+
+
+def _swiglu_tiled(x, gate_w, up_w, down_w, group_sizes, layer, max_group_size):
+    """The CPU path of `grouped_swiglu`: tall tiles where groups are large, short ones for the rest.
+
+    Each group's rows are covered by `big`-row tiles as far as they fill them (the last one taken
+    when it would be more than 3/4 full), the remainder by `small`-row tiles; the masked waste stays
+    under `small` rows per group while most rows run in tall products (measured on the benchmark
+    prefill, 128-row products ran 1.34x faster than 32-row ones: each visit copies and repacks its
+    three matrices once).
+    """
+    rows, _ = x.shape
+    num_groups = gate_w.shape[-3]
+    sizes = group_sizes.astype(jnp.int32)
+    starts = jnp.cumsum(sizes) - sizes
+    small = _swiglu_tile_rows(rows, num_groups, max_group_size)
+    big = 4 * small
+    bound = rows if max_group_size is None else min(rows, num_groups * max_group_size)
+    out = jnp.zeros((rows, down_w.shape[-1]), x.dtype)
     # Inside shard_map (check_vma=True) a computed tile varies over the mesh axes its inputs vary
-    # over; the carry, and so the skipped visit's pass-through branch, must be typed the same.
+    # over; the carry, and so a skipped visit's pass-through branch, must be typed the same.
     # Outside shard_map there are no such axes and the program is unchanged.
     varying = _varying_axes(x, gate_w, up_w, down_w, group_sizes)
     if varying:
-        out0 = jax.lax.pcast(out0, varying, to="varying")
-    out, _ = jax.lax.scan(body, out0, (visit_group, visit_row0, visit_live))
-    return out[:rows]
+        out = jax.lax.pcast(out, varying, to="varying")
+    if big <= rows and (max_group_size is None or big <= max_group_size) and rows >= num_groups * small:
+        big_tiles = sizes // big + (sizes % big > big - small)
+        big_rows = jnp.minimum(sizes, big_tiles * big)
+        out = _swiglu_visits(out, x, gate_w, up_w, down_w, starts, big_rows, layer, big, bound)
+        starts, sizes = starts + big_rows, sizes - big_rows
+        # Each group leaves at most 3 small tiles (< big - small rows) for the second pass.
+        bound = min(bound, num_groups * (big - small))
+    return _swiglu_visits(out, x, gate_w, up_w, down_w, starts, sizes, layer, small, bound)
 
 
 def _varying_axes(*arrays) -> tuple[str, ...]:
@@ -286,5 +335,4 @@ def grouped_swiglu(
         gate = grouped_matmul(x, gate_w, group_sizes, impl=impl)
         up = grouped_matmul(x, up_w, group_sizes, impl=impl)
         return grouped_matmul(jax.nn.silu(gate) * up, down_w, group_sizes, impl=impl)
-    return _swiglu_visits(x, gate_w, up_w, down_w, group_sizes, layer,
-                          _swiglu_tile_rows(x.shape[0], gate_w.shape[-3], max_group_size))
+    return _swiglu_tiled(x, gate_w, up_w, down_w, group_sizes, layer, max_group_size)

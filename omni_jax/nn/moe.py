@@ -75,15 +75,22 @@ def _experts_grouped(x_td, experts, routing: Routing, impl: str, layer):
 
     flat_expert = routing.experts.reshape(-1)  # (T*k,)
     order = jnp.argsort(flat_expert, stable=True)
+    # Where each assignment landed in the sorted rows: reading the outputs back is then a gather
+    # (an int scatter of T*k indices here instead of a (T*k, D) float scatter below).
+    position = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     x_sorted = jnp.take(x_td, order // top_k, axis=0)  # (T*k, D)
     group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
     y_sorted = grouped_swiglu(
         x_sorted, experts["gate_proj"], experts["up_proj"], experts["down_proj"], group_sizes,
         impl=impl, layer=layer, max_group_size=num_tokens,
     )  # (T*k, D)
-    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(num_tokens, top_k, hidden)
-    weighted = y * routing.weights[..., None].astype(dtype)
-    return jnp.sum(weighted.astype(jnp.float32), axis=1).astype(dtype)
+    y = jnp.take(y_sorted, position, axis=0).reshape(num_tokens, top_k, hidden)
+    weights = routing.weights.astype(dtype)
+    # The k-term sum written out (in order, fp32) so that it fuses with the gather above.
+    out = (y[:, 0] * weights[:, 0:1]).astype(jnp.float32)
+    for j in range(1, top_k):
+        out = out + (y[:, j] * weights[:, j:j + 1]).astype(jnp.float32)
+    return out.astype(dtype)
 
 
 def _experts_dense(x_td, experts, routing: Routing, layer):
