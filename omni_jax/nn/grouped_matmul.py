@@ -223,7 +223,11 @@ def _swiglu_tiled(x, gate_w, up_w, down_w, group_sizes, layer, max_group_size):
     small = _swiglu_tile_rows(rows, num_groups, max_group_size)
     big = 4 * small
     bound = rows if max_group_size is None else min(rows, num_groups * max_group_size)
-    out = jnp.zeros((rows, down_w.shape[-1]), x.dtype)
+    # Every row in a group gets written; the rest must come out as zeros. Starting from a copy of x
+    # (when the shapes allow) and masking at the end lets XLA fuse the mask into the consumer instead
+    # of filling a fresh buffer with zeros first.
+    reuse_x = down_w.shape[-1] == x.shape[1]
+    out = x if reuse_x else jnp.zeros((rows, down_w.shape[-1]), x.dtype)
     # Inside shard_map (check_vma=True) a computed tile varies over the mesh axes its inputs vary
     # over; the carry, and so a skipped visit's pass-through branch, must be typed the same.
     # Outside shard_map there are no such axes and the program is unchanged.
@@ -237,7 +241,10 @@ def _swiglu_tiled(x, gate_w, up_w, down_w, group_sizes, layer, max_group_size):
         starts, sizes = starts + big_rows, sizes - big_rows
         # Each group leaves at most 3 small tiles (< big - small rows) for the second pass.
         bound = min(bound, num_groups * (big - small))
-    return _swiglu_visits(out, x, gate_w, up_w, down_w, starts, sizes, layer, small, bound)
+    out = _swiglu_visits(out, x, gate_w, up_w, down_w, starts, sizes, layer, small, bound)
+    if reuse_x:
+        out = jnp.where((jnp.arange(rows) < jnp.sum(group_sizes))[:, None], out, jnp.zeros_like(out))
+    return out
 
 
 def _varying_axes(*arrays) -> tuple[str, ...]:
