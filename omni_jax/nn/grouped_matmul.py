@@ -145,24 +145,41 @@ def _matrix(weights, layer, group, dtype):
     return jax.lax.dynamic_slice(weights, (layer, group, 0, 0), (1, 1, k, n))[0, 0].astype(dtype)
 
 
-def _swiglu_visits(out, x, gate_w, up_w, down_w, starts, sizes, layer, tile_rows: int, max_rows: int):
-    """Writes group g's rows [starts[g], starts[g] + sizes[g]) of `out` with their SwiGLU, tile by tile.
+def _swiglu_visits(out, x, gate_w, up_w, down_w, group_sizes, layer, tiles: tuple[int, ...], max_rows: int):
+    """Writes each group's rows of `out` (rows sorted by group) with their SwiGLU, tile by tile.
 
-    A group's tiles start at its first row, so a group of n rows costs ceil(n / tile) visits, each
-    one (tile, D) x (D, F) product per matrix; rows of `out` that no visit covers are left as they
-    are. `max_rows` is a static bound on sum(sizes), which bounds the number of visits.
+    `tiles` are tile heights, tallest first: a group's rows are covered by tiles of the first height
+    as far as they fill them (a last, partial one taken when it would waste fewer rows than the
+    shortest tile), what is left by the next height, and so on, so the masked waste stays under the
+    shortest tile per group. A group's visits run back to back and its three matrices are copied out
+    of the stacks once, at its first visit (they stay in the loop carry). Rows of `out` that no
+    group covers are left as they are. `max_rows` is a static bound on sum(group_sizes).
     """
     rows = x.shape[0]
     num_groups = gate_w.shape[-3]
     dtype = x.dtype
-    sizes = sizes.astype(jnp.int32)
-    starts = starts.astype(jnp.int32)
-    ends = starts + sizes
-    visits_per_group = -(-sizes // tile_rows)
-    visit_ends = jnp.cumsum(visits_per_group)
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    small = tiles[-1]
+    # Per group and height: number of visits and the first row they cover.
+    counts, firsts = [], []
+    left, first, bound_rows, num_visits = sizes, starts, max_rows, 0
+    for tile in tiles:
+        last = tile == small
+        count = -(-left // tile) if last else left // tile + (left % tile > tile - small)
+        covered = left if last else jnp.minimum(left, count * tile)
+        counts.append(count)
+        firsts.append(first)
+        # sum_g ceil(n_g / t) <= sum_g n_g / t + (number of non-empty groups): a static bound.
+        num_visits += -(-bound_rows // tile) + min(num_groups, bound_rows)
+        left, first = left - covered, first + covered
+        bound_rows = min(bound_rows, num_groups * (tile - small))  # what a group can leave below
+    counts = jnp.stack(counts, axis=1)  # (G, heights)
+    per_group = jnp.sum(counts, axis=1)
+    visit_ends = jnp.cumsum(per_group)
     total_visits = visit_ends[-1]
-    # sum_g ceil(n_g / t) <= sum_g n_g / t + (number of non-empty groups): a static bound on visits.
-    num_visits = -(-max_rows // tile_rows) + min(num_groups, max_rows)
+    num_visits = min(num_visits, -(-max_rows // small) + min(num_groups, max_rows))
     if num_visits == 0:
         return out
     # Visits run in chunks, each skipped whole when it holds no live visit: the bound is loose (most
@@ -170,78 +187,96 @@ def _swiglu_visits(out, x, gate_w, up_w, down_w, starts, sizes, layer, tile_rows
     chunk = min(_VISIT_CHUNK, num_visits)
     num_chunks = -(-num_visits // chunk)
     visit = jnp.arange(num_chunks * chunk, dtype=jnp.int32)
-    visit_group = jnp.minimum(jnp.searchsorted(visit_ends, visit, side="right"), num_groups - 1).astype(jnp.int32)
-    visit_row0 = starts[visit_group] + (visit - (visit_ends - visits_per_group)[visit_group]) * tile_rows
-    # A tile that would run past the last row is moved back to end there; the rows it then covers
-    # in front of its group's range are masked off like the rows past the group's end.
-    visit_tile0 = jnp.clip(visit_row0, 0, rows - tile_rows)
-    visit_live = visit < total_visits
-    plan = jnp.stack([visit_group, visit_row0, visit_tile0, visit_live.astype(jnp.int32)], axis=1)
-    plan = plan.reshape(num_chunks, chunk, 4)
+    group = jnp.minimum(jnp.searchsorted(visit_ends, visit, side="right"), num_groups - 1).astype(jnp.int32)
+    j = visit - (visit_ends - per_group)[group]  # visit number within its group
+    count_ends = jnp.cumsum(counts, axis=1)[group]  # (V, heights)
+    height = jnp.minimum(jnp.sum(j[:, None] >= count_ends, axis=1), len(tiles) - 1).astype(jnp.int32)
+    j_in_height = j - jnp.take_along_axis(count_ends - counts[group], height[:, None], axis=1)[:, 0]
+    first_row = jnp.take_along_axis(jnp.stack(firsts, axis=1)[group], height[:, None], axis=1)[:, 0]
+    row0 = first_row + j_in_height * jnp.asarray(tiles, jnp.int32)[height]
+    live = visit < total_visits
+    plan = jnp.stack([group, row0, height, live.astype(jnp.int32)], axis=1).reshape(num_chunks, chunk, 4)
 
-    def visit_one(out, step):
-        group, row0, tile0, live = step[0], step[1], step[2], step[3]
+    def matrices(group):
+        return tuple(_matrix(w, layer, group, dtype) for w in (gate_w, up_w, down_w))
 
-        def compute(out):
+    def tile_swiglu(tile_rows):
+        def run(out, weights, group, row0):
+            # A tile that would run past the last row is moved back to end there; the rows it then
+            # covers in front of its range are masked off like the rows past the group's end.
+            tile0 = jnp.clip(row0, 0, rows - tile_rows)
             x_tile = jax.lax.dynamic_slice_in_dim(x, tile0, tile_rows, axis=0)
-            gate = jnp.dot(x_tile, _matrix(gate_w, layer, group, dtype), preferred_element_type=jnp.float32).astype(dtype)
-            up = jnp.dot(x_tile, _matrix(up_w, layer, group, dtype), preferred_element_type=jnp.float32).astype(dtype)
-            act = jax.nn.silu(gate) * up
-            y = jnp.dot(act, _matrix(down_w, layer, group, dtype), preferred_element_type=jnp.float32).astype(dtype)
+            w_gate, w_up, w_down = weights
+            gate = jnp.dot(x_tile, w_gate, preferred_element_type=jnp.float32).astype(dtype)
+            up = jnp.dot(x_tile, w_up, preferred_element_type=jnp.float32).astype(dtype)
+            y = jnp.dot(jax.nn.silu(gate) * up, w_down, preferred_element_type=jnp.float32).astype(dtype)
             row = tile0 + jnp.arange(tile_rows)
             keep = (row >= row0) & (row < ends[group])
             current = jax.lax.dynamic_slice_in_dim(out, tile0, tile_rows, axis=0)
             return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep[:, None], y, current), tile0, axis=0)
+        return run
 
-        return jax.lax.cond(live > 0, compute, lambda o: o, out), None
+    branches = [tile_swiglu(t) for t in tiles]
 
-    def run_chunk(out, steps):
-        def run(out):
-            return jax.lax.scan(visit_one, out, steps)[0]
+    def visit_one(carry, step):
+        group, row0, height, live = step[0], step[1], step[2], step[3]
 
-        return jax.lax.cond(steps[0, 3] > 0, run, lambda o: o, out), None
+        def compute(carry):
+            out, weights, current = carry
+            weights = jax.lax.cond(group != current, lambda w: matrices(group), lambda w: w, weights)
+            if len(branches) == 1:
+                out = branches[0](out, weights, group, row0)
+            else:
+                out = jax.lax.switch(height, branches, out, weights, group, row0)
+            return out, weights, group
 
-    return jax.lax.scan(run_chunk, out, plan)[0]
+        return jax.lax.cond(live > 0, compute, lambda c: c, carry), None
 
+    def run_chunk(carry, steps):
+        def run(carry):
+            return jax.lax.scan(visit_one, carry, steps)[0]
 
-_VISIT_CHUNK = 8
+        return jax.lax.cond(steps[0, 3] > 0, run, lambda c: c, carry), None
 
-
-def _swiglu_tiled(x, gate_w, up_w, down_w, group_sizes, layer, max_group_size):
-    """The CPU path of `grouped_swiglu`: tall tiles where groups are large, short ones for the rest.
-
-    Each group's rows are covered by `big`-row tiles as far as they fill them (the last one taken
-    when it would be more than 3/4 full), the remainder by `small`-row tiles; the masked waste stays
-    under `small` rows per group while most rows run in tall products (measured on the benchmark
-    prefill, 128-row products ran 1.34x faster than 32-row ones: each visit copies and repacks its
-    three matrices once).
-    """
-    rows, _ = x.shape
-    num_groups = gate_w.shape[-3]
-    sizes = group_sizes.astype(jnp.int32)
-    starts = jnp.cumsum(sizes) - sizes
-    small = _swiglu_tile_rows(rows, num_groups, max_group_size)
-    big = 4 * small
-    bound = rows if max_group_size is None else min(rows, num_groups * max_group_size)
-    # Every row in a group gets written; the rest must come out as zeros. Starting from a copy of x
-    # (when the shapes allow) and masking at the end lets XLA fuse the mask into the consumer instead
-    # of filling a fresh buffer with zeros first.
-    reuse_x = down_w.shape[-1] == x.shape[1]
-    out = x if reuse_x else jnp.zeros((rows, down_w.shape[-1]), x.dtype)
+    weights0 = tuple(jnp.zeros(w.shape[-2:], dtype) for w in (gate_w, up_w, down_w))
     # Inside shard_map (check_vma=True) a computed tile varies over the mesh axes its inputs vary
     # over; the carry, and so a skipped visit's pass-through branch, must be typed the same.
     # Outside shard_map there are no such axes and the program is unchanged.
     varying = _varying_axes(x, gate_w, up_w, down_w, group_sizes)
     if varying:
         out = jax.lax.pcast(out, varying, to="varying")
-    if big <= rows and (max_group_size is None or big <= max_group_size) and rows >= num_groups * small:
-        big_tiles = sizes // big + (sizes % big > big - small)
-        big_rows = jnp.minimum(sizes, big_tiles * big)
-        out = _swiglu_visits(out, x, gate_w, up_w, down_w, starts, big_rows, layer, big, bound)
-        starts, sizes = starts + big_rows, sizes - big_rows
-        # Each group leaves at most 3 small tiles (< big - small rows) for the second pass.
-        bound = min(bound, num_groups * (big - small))
-    out = _swiglu_visits(out, x, gate_w, up_w, down_w, starts, sizes, layer, small, bound)
+        weights0 = tuple(jax.lax.pcast(w, varying, to="varying") for w in weights0)
+    carry = (out, weights0, jnp.int32(-1))
+    return jax.lax.scan(run_chunk, carry, plan)[0][0]
+
+
+_VISIT_CHUNK = 8
+
+
+def _swiglu_tiled(x, gate_w, up_w, down_w, group_sizes, layer, max_group_size, tiles=None):
+    """The CPU path of `grouped_swiglu`: tall tiles where groups are large, short ones for the rest.
+
+    `tiles` (descending, default `_swiglu_tile_ladder`): each group's rows are covered by tiles of
+    the first height as far as they fill them (a last, partial one taken when it would waste fewer
+    rows than the shortest tile), what is left by the next height, and so on; the masked waste stays
+    under the shortest tile per group while most rows run in tall products (measured on the
+    benchmark prefill: 128-row products ran 1.34x faster than 32-row ones; each visit copies and
+    repacks its three matrices once).
+    """
+    rows, _ = x.shape
+    num_groups = gate_w.shape[-3]
+    sizes = group_sizes.astype(jnp.int32)
+    starts = jnp.cumsum(sizes) - sizes
+    if tiles is None:
+        tiles = _swiglu_tile_ladder(rows, num_groups, max_group_size)
+    small = tiles[-1]
+    bound = rows if max_group_size is None else min(rows, num_groups * max_group_size)
+    # Every row in a group gets written; the rest must come out as zeros. Starting from a copy of x
+    # (when the shapes allow) and masking at the end lets XLA fuse the mask into the consumer instead
+    # of filling a fresh buffer with zeros first.
+    reuse_x = down_w.shape[-1] == x.shape[1]
+    out = x if reuse_x else jnp.zeros((rows, down_w.shape[-1]), x.dtype)
+    out = _swiglu_visits(out, x, gate_w, up_w, down_w, sizes, layer, tuple(tiles), bound)
     if reuse_x:
         out = jnp.where((jnp.arange(rows) < jnp.sum(group_sizes))[:, None], out, jnp.zeros_like(out))
     return out
@@ -303,6 +338,16 @@ def _swiglu_tile_rows(rows: int, num_groups: int, max_group_size: int | None) ->
     if max_group_size is not None:
         tile = min(tile, max_group_size)
     return max(1, min(tile, rows))
+
+
+def _swiglu_tile_ladder(rows: int, num_groups: int, max_group_size: int | None) -> tuple[int, ...]:
+    """Tile heights for `_swiglu_tiled`, tallest first: the `_swiglu_tile_rows` height t and, where
+    groups are large enough on average to fill it, 4t above it."""
+    small = _swiglu_tile_rows(rows, num_groups, max_group_size)
+    big = 4 * small
+    if big <= rows and (max_group_size is None or big <= max_group_size) and rows >= num_groups * small:
+        return (big, small)
+    return (small,)
 
 
 def grouped_swiglu(
