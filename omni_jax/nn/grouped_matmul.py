@@ -17,9 +17,12 @@ Implementations, chosen by `impl`:
 
 `grouped_swiglu` is the expert feed-forward built on the same entry point: three grouped matmuls on
 GPU/TPU; on CPU one fused loop over *group-aligned* row tiles that computes gate, up, SiLU and down
-for a tile while the group's three matrices are hot in cache. A tile starts at its group's first row,
-so a group of n rows costs ceil(n / tile) visits and reads each used matrix once per visit; empty
-groups cost nothing (the visit is skipped by `lax.cond`).
+per tile (`_swiglu_visits`). Tiles start at their group's first row and come in up to two heights
+(4t rows where a group fills them, t rows for the rest), so the masked waste stays under t rows per
+group while most rows run in tall products; a group's three matrices are copied out of the stacks
+once, at its first tile, and stay in the loop carry for its other tiles; empty groups cost nothing.
+XLA:CPU copies every dynamically indexed matrix and YNNPACK repacks a product's right-hand side on
+every call, so these copies and repacks, not the FLOPs, are what a visit costs at decode (4 rows).
 
 Weights may carry a leading layers axis together with a `layer` index. Inside a scan over decoder
 layers, slicing a layer's expert stack out of the scanned inputs copies the whole (E, K, N) stack
