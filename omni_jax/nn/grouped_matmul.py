@@ -151,13 +151,17 @@ def _matrix(weights, layer, group, dtype):
 def _swiglu_visits(out, x, gate_w, up_w, down_w, group_sizes, layer, tiles: tuple[int, ...], max_rows: int):
     """Writes each group's rows of `out` (rows sorted by group) with their SwiGLU, tile by tile.
 
-    `tiles` are tile heights, tallest first: a group's rows are covered by tiles of the first height
+    `tiles` are one or two tile heights, tallest first: a group's rows are covered by tiles of the first height
     as far as they fill them (a last, partial one taken when it would waste fewer rows than the
     shortest tile), what is left by the next height, and so on, so the masked waste stays under the
     shortest tile per group. A group's visits run back to back and its three matrices are copied out
     of the stacks once, at its first visit (they stay in the loop carry). Rows of `out` that no
     group covers are left as they are. `max_rows` is a static bound on sum(group_sizes).
     """
+    if not 1 <= len(tiles) <= 2:
+        # Three or more heights made the visit's `lax.switch` copy the carried output on XLA:CPU
+        # (the benchmark prefill ran 1.5-1.9x slower); two heights compile to a plain cond.
+        raise ValueError(f"one or two tile heights, got {tiles}")
     rows = x.shape[0]
     num_groups = gate_w.shape[-3]
     dtype = x.dtype
@@ -259,7 +263,7 @@ _VISIT_CHUNK = 8
 def _swiglu_tiled(x, gate_w, up_w, down_w, group_sizes, layer, max_group_size, tiles=None):
     """The CPU path of `grouped_swiglu`: tall tiles where groups are large, short ones for the rest.
 
-    `tiles` (descending, default `_swiglu_tile_ladder`): each group's rows are covered by tiles of
+    `tiles` (one or two heights, descending; default `_swiglu_tile_ladder`): each group's rows are covered by tiles of
     the first height as far as they fill them (a last, partial one taken when it would waste fewer
     rows than the shortest tile), what is left by the next height, and so on; the masked waste stays
     under the shortest tile per group while most rows run in tall products (measured on the

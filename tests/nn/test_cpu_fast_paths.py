@@ -44,7 +44,7 @@ def _swiglu_reference(x, gate, up, down, sizes):
     return out
 
 
-@pytest.mark.parametrize("tiles", [(64, 16, 4), (32, 8), (16,)])
+@pytest.mark.parametrize("tiles", [(64, 16), (32, 4), (16,)])
 @pytest.mark.parametrize("out_width", [16, 8])  # 16: the output starts from x; 8: from zeros
 def test_tile_ladder_matches_per_group_swiglu(tiles, out_width):
     rng = np.random.default_rng(sum(tiles) + out_width)
@@ -58,6 +58,12 @@ def test_tile_ladder_matches_per_group_swiglu(tiles, out_width):
     expected = _swiglu_reference(x, w[0][1], w[1][1], w[2][1], sizes)
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
     assert not np.asarray(out)[sum(sizes):].any()  # padding rows are zeros
+
+
+def test_more_than_two_heights_are_refused():
+    with pytest.raises(ValueError, match="one or two tile heights"):
+        gm._swiglu_tiled(jnp.zeros((8, 4)), jnp.zeros((2, 4, 3)), jnp.zeros((2, 4, 3)), jnp.zeros((2, 3, 4)),
+                         jnp.asarray([4, 4], jnp.int32), None, None, tiles=(8, 4, 2))
 
 
 def test_default_ladder_has_two_heights_for_prefill_and_one_for_decode():
