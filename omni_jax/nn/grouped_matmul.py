@@ -224,6 +224,10 @@ def _swiglu_visits(out, x, gate_w, up_w, down_w, group_sizes, layer, tiles: tupl
         return run
 
     branches = [tile_swiglu(t) for t in tiles]
+    # Inside shard_map (check_vma=True) a computed tile varies over the mesh axes its inputs vary
+    # over; the carry, and so a skipped visit's pass-through branch, must be typed the same.
+    # Outside shard_map there are no such axes and the program is unchanged.
+    varying = _varying_axes(x, gate_w, up_w, down_w, group_sizes)
 
     def visit_one(carry, step):
         group, row0, height, live = step[0], step[1], step[2], step[3]
@@ -235,7 +239,7 @@ def _swiglu_visits(out, x, gate_w, up_w, down_w, group_sizes, layer, tiles: tupl
                 out = branches[0](out, weights, group, row0)
             else:
                 out = jax.lax.switch(height, branches, out, weights, group, row0)
-            return out, weights, group
+            return out, weights, _vary_over(group, varying)
 
         return jax.lax.cond(live > 0, compute, lambda c: c, carry), None
 
@@ -246,14 +250,7 @@ def _swiglu_visits(out, x, gate_w, up_w, down_w, group_sizes, layer, tiles: tupl
         return jax.lax.cond(steps[0, 3] > 0, run, lambda c: c, carry), None
 
     weights0 = tuple(jnp.zeros(w.shape[-2:], dtype) for w in (gate_w, up_w, down_w))
-    # Inside shard_map (check_vma=True) a computed tile varies over the mesh axes its inputs vary
-    # over; the carry, and so a skipped visit's pass-through branch, must be typed the same.
-    # Outside shard_map there are no such axes and the program is unchanged.
-    varying = _varying_axes(x, gate_w, up_w, down_w, group_sizes)
-    if varying:
-        out = jax.lax.pcast(out, varying, to="varying")
-        weights0 = tuple(jax.lax.pcast(w, varying, to="varying") for w in weights0)
-    carry = (out, weights0, jnp.int32(-1))
+    carry = jax.tree.map(lambda a: _vary_over(a, varying), (out, weights0, jnp.int32(-1)))
     return jax.lax.scan(run_chunk, carry, plan)[0][0]
 
 
@@ -287,6 +284,12 @@ def _swiglu_tiled(x, gate_w, up_w, down_w, group_sizes, layer, max_group_size, t
     if reuse_x:
         out = jnp.where((jnp.arange(rows) < jnp.sum(group_sizes))[:, None], out, jnp.zeros_like(out))
     return out
+
+
+def _vary_over(a: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """`a` typed as varying over `axes` (inside shard_map; a no-op outside one)."""
+    missing = tuple(ax for ax in axes if ax not in _varying_axes(a))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
 
 
 def _varying_axes(*arrays) -> tuple[str, ...]:
