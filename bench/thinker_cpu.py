@@ -6,6 +6,14 @@ Model: hidden 512, 8 layers, 8 heads / 2 KV heads, head_dim 32, 32 experts top-4
 vocab 8192. Work: batch 4 x 256 prompt tokens, then 64 new tokens (greedy, no early stop).
 Prints prefill and decode tokens/s for both and the ratios (targets: prefill >= 1.5x, decode >= 5x).
 Timings exclude compilation (omni_jax) and a warm-up run (both); the best of `--repeats` runs counts.
+
+Measured 2026-11-22 09:58-10:00 (2-core AMD EPYC, `--repeats 5`, under `flock /tmp/omni_bench.lock`,
+load average 1.7 -> 2.0 per run), two runs: prefill 2,675 / 2,698 (reference) vs 3,305 / 3,380 tok/s
+= 1.24x / 1.25x; decode 125.4 / 119.8 vs 249.3 / 256.4 tok/s = 1.99x / 2.14x; end to end 1.94x.
+Floors (`bench/roofline_cpu.py`, details in bench/RESULTS.md): prefill is 33.6 GFLOP, 189 ms at the
+best measured fp32 matmul rate (~178 GFLOP/s), so at most ~2.0x; a decode step reads ~190-200 MB,
+6.9-8.0 ms at the best measured read bandwidth (25-27.5 GB/s) against the reference's 32-33 ms, so at
+most 4.0-4.8x: the 5x decode target is out of reach on this machine in fp32.
 """
 
 from __future__ import annotations
