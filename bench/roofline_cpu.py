@@ -194,7 +194,8 @@ def main() -> int:
         return x
 
     with torch.no_grad():
-        bw[f"torch expert loop ({LAYERS}x{distinct} SwiGLU, 4 rows)"] = expert_bytes / best_time(torch_experts, repeats=20)
+        t_torch_experts = best_time(torch_experts, repeats=20)
+    bw[f"torch expert loop ({LAYERS}x{distinct} SwiGLU, 4 rows)"] = expert_bytes / t_torch_experts
     for name, value in bw.items():
         print(f"  {name:48s}{value / 1e9:7.1f}")
 
@@ -210,8 +211,9 @@ def main() -> int:
     best_rate = max(r[0] for r in rates.values()) * 1e9
     best_xla = max(max(r[1], r[2]) for r in rates.values()) * 1e9
     best_bw = max(bw.values())
-    print(f"\nprefill at the best measured matmul rate (torch {best_rate / 1e9:.0f}, xla {best_xla / 1e9:.0f} GFLOP/s): "
-          f"{c['prefill_total'] / best_rate * 1e3:.0f} ms torch-rate, {c['prefill_total'] / best_xla * 1e3:.0f} ms xla-rate")
+    print(f"\nprefill at the best measured matmul rate (torch {best_rate / 1e9:.0f}, "
+          f"xla {best_xla / 1e9:.0f} GFLOP/s): {c['prefill_total'] / best_rate * 1e3:.0f} ms torch-rate, "
+          f"{c['prefill_total'] / best_xla * 1e3:.0f} ms xla-rate")
     print(f"decode step at the best measured read bandwidth ({best_bw / 1e9:.1f} GB/s): "
           f"{c['decode_total'] / best_bw * 1e3:.1f} ms")
     return 0

@@ -151,17 +151,18 @@ def _matrix(weights, layer, group, dtype):
 def _swiglu_visits(out, x, gate_w, up_w, down_w, group_sizes, layer, tiles: tuple[int, ...], max_rows: int):
     """Writes each group's rows of `out` (rows sorted by group) with their SwiGLU, tile by tile.
 
-    `tiles` are one or two tile heights, tallest first: a group's rows are covered by tiles of the first height
-    as far as they fill them (a last, partial one taken when it would waste fewer rows than the
-    shortest tile), what is left by the next height, and so on, so the masked waste stays under the
-    shortest tile per group. A group's visits run back to back and its three matrices are copied out
-    of the stacks once, at its first visit (they stay in the loop carry). Rows of `out` that no
+    `tiles`: one or two tile heights, tallest first. A group's rows are covered by tiles of the
+    first height as far as they fill them (a last, partial one taken when it would waste fewer rows
+    than the second height), the rest by tiles of the second height, so the masked waste stays under
+    the shortest tile per group. A group's visits run back to back and its three matrices are copied
+    out of the stacks once, at its first visit (they stay in the loop carry). Rows of `out` that no
     group covers are left as they are. `max_rows` is a static bound on sum(group_sizes).
     """
-    if not 1 <= len(tiles) <= 2:
-        # Three or more heights made the visit's `lax.switch` copy the carried output on XLA:CPU
-        # (the benchmark prefill ran 1.5-1.9x slower); two heights compile to a plain cond.
-        raise ValueError(f"one or two tile heights, got {tiles}")
+    if not (len(tiles) == 1 or (len(tiles) == 2 and tiles[0] >= 2 * tiles[1])):
+        # Three heights made the visit's `lax.switch` 1.5-1.9x slower on the benchmark prefill.
+        # A tall tile at least twice the short one covers more rows per visit than a short one,
+        # which the static bound on visits below relies on.
+        raise ValueError(f"one or two tile heights (the first at least twice the second), got {tiles}")
     rows = x.shape[0]
     num_groups = gate_w.shape[-3]
     dtype = x.dtype
@@ -260,20 +261,16 @@ _VISIT_CHUNK = 8
 def _swiglu_tiled(x, gate_w, up_w, down_w, group_sizes, layer, max_group_size, tiles=None):
     """The CPU path of `grouped_swiglu`: tall tiles where groups are large, short ones for the rest.
 
-    `tiles` (one or two heights, descending; default `_swiglu_tile_ladder`): each group's rows are covered by tiles of
-    the first height as far as they fill them (a last, partial one taken when it would waste fewer
-    rows than the shortest tile), what is left by the next height, and so on; the masked waste stays
-    under the shortest tile per group while most rows run in tall products (measured on the
-    benchmark prefill: 128-row products ran 1.34x faster than 32-row ones; each visit copies and
-    repacks its three matrices once).
+    `tiles`: one or two heights, tallest first (default `_swiglu_tile_ladder`), see `_swiglu_visits`;
+    the masked waste stays under the shortest tile per group while most rows run in tall products
+    (measured on the benchmark prefill: 128-row products ran 1.34x faster than 32-row ones, a visit
+    repacking its matrices once per product).
     """
     rows, _ = x.shape
     num_groups = gate_w.shape[-3]
     sizes = group_sizes.astype(jnp.int32)
-    starts = jnp.cumsum(sizes) - sizes
     if tiles is None:
         tiles = _swiglu_tile_ladder(rows, num_groups, max_group_size)
-    small = tiles[-1]
     bound = rows if max_group_size is None else min(rows, num_groups * max_group_size)
     # Every row in a group gets written; the rest must come out as zeros. Starting from a copy of x
     # (when the shapes allow) and masking at the end lets XLA fuse the mask into the consumer instead

@@ -60,10 +60,11 @@ def test_tile_ladder_matches_per_group_swiglu(tiles, out_width):
     assert not np.asarray(out)[sum(sizes):].any()  # padding rows are zeros
 
 
-def test_more_than_two_heights_are_refused():
+@pytest.mark.parametrize("tiles", [(8, 4, 2), (6, 4)])
+def test_bad_ladders_are_refused(tiles):
     with pytest.raises(ValueError, match="one or two tile heights"):
         gm._swiglu_tiled(jnp.zeros((8, 4)), jnp.zeros((2, 4, 3)), jnp.zeros((2, 4, 3)), jnp.zeros((2, 3, 4)),
-                         jnp.asarray([4, 4], jnp.int32), None, None, tiles=(8, 4, 2))
+                         jnp.asarray([4, 4], jnp.int32), None, None, tiles=tiles)
 
 
 def test_default_ladder_has_two_heights_for_prefill_and_one_for_decode():
