@@ -10,10 +10,11 @@ Timings exclude compilation (omni_jax) and a warm-up run (both); the best of `--
 Measured 2026-11-22 09:58-10:00 (2-core AMD EPYC, `--repeats 5`, under `flock /tmp/omni_bench.lock`,
 load average 1.7 -> 2.0 per run), two runs: prefill 2,675 / 2,698 (reference) vs 3,305 / 3,380 tok/s
 = 1.24x / 1.25x; decode 125.4 / 119.8 vs 249.3 / 256.4 tok/s = 1.99x / 2.14x; end to end 1.94x.
-Floors (`bench/roofline_cpu.py`, details in bench/RESULTS.md): prefill is 33.6 GFLOP, 189 ms at the
-best measured fp32 matmul rate (~178 GFLOP/s), so at most ~2.0x; a decode step reads ~190-200 MB,
-6.9-8.0 ms at the best measured read bandwidth (25-27.5 GB/s) against the reference's 32-33 ms, so at
-most 4.0-4.8x: the 5x decode target is out of reach on this machine in fp32.
+Floors (`bench/roofline_cpu.py`, details in bench/RESULTS.md): prefill is 33.6 GFLOP, ~187 ms at the
+best measured fp32 matmul rate (~180 GFLOP/s), so at most ~2.0x; a decode step reads ~190-200 MB,
+6.3-6.9 ms at the best measured read bandwidth (29-30 GB/s; median 25) against the reference's
+32-33 ms, so at most 4.6-5.3x: 5x needs every byte streamed at peak with zero overhead, out of
+reach in practice on this machine in fp32 (and with XLA:CPU's 4-row products, ~13 GB/s, at all).
 """
 
 from __future__ import annotations
