@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 _CONV_AXES = ("conv_out", "conv_in", "conv_kernel")
+# Input channels up to which `causal_conv1d` convolves in the 2-D (1, T) form (see there).
+_CONV2D_MAX_CHANNELS = 64
 
 
 # ------------------------------------------------------------------------------------------- specs
@@ -114,6 +116,16 @@ def causal_conv1d(
         z_btk = jnp.pad(z_btk, ((0, 0), (left, right), (0, 0)))
         y = sum(z_btk[:, j * dilation : j * dilation + t, j] for j in range(weight.shape[-1]))
         return (y + p["bias"].astype(y.dtype)[0])[..., None]
+    if x_btc.shape[-1] <= _CONV2D_MAX_CHANNELS:
+        # Few channels: the same convolution as a 2-D one over a (1, T) image. XLA:CPU runs that form
+        # 1.1-1.6x faster than the 1-D one at the decoder's last two blocks (k7 at 214485 x 24:
+        # 13.1 / 15.8 / 16.1 ms -> 10.2 / 10.1 / 10.3 ms for dilation 1 / 3 / 9; 71496 x 48:
+        # 14.8-16.1 -> 13.2-13.5 ms) and no faster from 96 channels on (measured, 2 threads).
+        y = jax.lax.conv_general_dilated(
+            x_btc[:, None], weight[:, :, None], window_strides=(1, stride), padding=[(0, 0), (left, right)],
+            rhs_dilation=(1, dilation), dimension_numbers=("NHWC", "OIHW", "NHWC"), feature_group_count=groups,
+        )[:, 0]
+        return y + p["bias"].astype(y.dtype)
     y = jax.lax.conv_general_dilated(
         x_btc, weight, window_strides=(stride,), padding=[(left, right)], rhs_dilation=(dilation,),
         dimension_numbers=("NWC", "OIW", "NWC"), feature_group_count=groups,

@@ -1,7 +1,7 @@
 """The vocoder's convolutions (`omni_jax/nn/conv.py`) against torch's `nn.ConvTranspose1d` / `nn.Conv1d`,
 for the shapes the fast paths take: the polyphase transposed convolution (kernel a multiple of the
-stride or not, inputs too short to yield a sample) and the single-output-channel causal conv (the
-decoder's last layer), plus `code2wav`'s default decode buckets. fp32; max error <= 1e-5 x max |ref|
+stride or not, inputs too short to yield a sample), the causal conv in its 2-D (1, T) form (few
+channels) and 1-D form, the single-output-channel causal conv (the decoder's last layer), plus `code2wav`'s default decode buckets. fp32; max error <= 1e-5 x max |ref|
 (reached: ~1e-7)."""
 
 from __future__ import annotations
@@ -70,6 +70,30 @@ def test_single_output_channel_causal_conv_matches_torch(kernel, dilation):
     got = np.asarray(conv.causal_conv1d(jnp.asarray(x), {"weight": jnp.asarray(w), "bias": jnp.asarray(b)},
                                         dilation=dilation))
     _close(got, expected)
+
+
+# Channel counts on both sides of the 2-D-form threshold (conv._CONV2D_MAX_CHANNELS), the vocoder's
+# dilations, and a stride.
+@pytest.mark.parametrize("c_in,c_out,kernel,dilation,stride", [
+    (24, 24, 7, 1, 1), (24, 24, 7, 9, 1), (48, 40, 7, 3, 1), (72, 72, 7, 3, 1), (72, 72, 1, 1, 1), (16, 8, 5, 1, 2),
+])
+def test_causal_conv1d_matches_torch(c_in, c_out, kernel, dilation, stride):
+    rng = np.random.default_rng(c_in + kernel + dilation)
+    t = 61
+    x = rng.standard_normal((2, t, c_in)).astype(np.float32)
+    w = (rng.standard_normal((c_out, c_in, kernel)) / np.sqrt(c_in * kernel)).astype(np.float32)
+    b = rng.standard_normal(c_out).astype(np.float32)
+    ref = torch.nn.Conv1d(c_in, c_out, kernel, stride=stride, dilation=dilation)
+    left, right = conv.causal_conv_padding(t, kernel, dilation, stride)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor(w))
+        ref.bias.copy_(torch.tensor(b))
+        padded = torch.nn.functional.pad(torch.tensor(x).permute(0, 2, 1), (left, right))
+        expected = ref(padded).permute(0, 2, 1).numpy()
+    got = jax.jit(lambda x, p: conv.causal_conv1d(x, p, dilation=dilation, stride=stride))(
+        jnp.asarray(x), {"weight": jnp.asarray(w), "bias": jnp.asarray(b)})
+    assert got.shape == (2, -(-t // stride), c_out)
+    _close(np.asarray(got), expected)
 
 
 def test_default_decode_buckets():
