@@ -2,8 +2,9 @@
 
     python bench/code2wav_cpu.py [--config small|full] [--seconds 10] [--batch 1] [--threads N] [--repeats 3]
 
---threads 1 also runs XLA single-threaded (`--xla_cpu_multi_thread_eigen=false`); otherwise torch
-gets N threads and XLA its default thread pool.
+--threads sets torch's threads; --threads 1 also passes `--xla_cpu_multi_thread_eigen=false` to XLA,
+which no longer keeps XLA:CPU on one core (its thunk runtime still used 2 CPU-seconds per wall-second
+on the decode, measured 2026-11-22), so --threads 1 rows are not a one-core-each comparison.
 
 Configs: "small" (default): hidden 256, 4 layers, 8 heads, MLP 768, decoder_dim 384 (channels
 384 -> 192 -> 96 -> 48 -> 24), 16 quantizers x 2048 codes, the published rates (1920 samples per
@@ -17,13 +18,29 @@ Measured, best of `--repeats` after a warm-up (omni_jax compile time is printed 
                     recomputes everything per chunk)
 Prints seconds, the real-time factor (audio seconds / compute seconds) and the speed ratio ours/ref.
 
-Recorded 2026-05 on the 2-core shared CPU box (load average 6-8 from other jobs, so +-30%):
-  small, 10 s, --threads 1: full 0.95 s vs 1.36 s (1.4x), chunked 0.80 vs 1.05 (1.3x), stream 1.18 vs
-  2.27 (1.9x); --threads 2: 1.44 vs 4.97 (3.4x), 1.51 vs 6.28 (4.2x), 1.74 vs 15.2 (8.8x; torch's
-  threads suffer most from the contention). full, 4 s, --threads 1: 11-13 s vs 14-28 s (1.2-2.2x).
-  Both are bound by the decoder's dense convolutions (Eigen vs oneDNN) once SnakeBeta's sine and the
-  depthwise conv are vectorised (see nn/conv.py); the streaming gain is the reference recomputing
-  every chunk from scratch.
+Recorded 2026-11-22 on the 2-core shared CPU box (AMD EPYC, AVX2), small config, 10 s (125 frames,
+decoded as 128), default threads (2), best of 3; each run started after the CPUs had been idle (< 2%
+busy) for 5 s, under flock (load averages 0.77 -> 1.12 and 1.03 -> 1.14 include earlier runs):
+
+  | work | reference s | omni_jax s | speed-up |
+  |---|---|---|---|
+  | full decode | 0.675 / 0.817 | 0.317 / 0.340 | 2.13x / 2.40x |
+  | chunked_decode(300, 25) | 0.611 / 0.807 | 0.320 / 0.316 | 1.91x / 2.56x |
+  | stream, 25-frame chunks | 1.013 / 1.086 | 0.401 / 0.407 | 2.53x / 2.67x |
+
+  max |ours - ref| / max |ref| 1.3e-6; first decode (compile + run) 2.3-2.6 s. Runs of the code before
+  the 2026-11-22 vocoder work (commit 564dbf4) in the same conditions, alternating with a run of the
+  then-current code: full decode 0.365 / 0.369 s, chunked 0.373 / 0.378 s, stream 0.446 / 0.449 s
+  (reference 0.59-0.85 s). The reference varies +-20% between runs even on an idle machine; ours +-5%.
+
+  Where omni_jax's time goes (112 frames, 275 ms): the decoder's dense convolutions, 33 GFLOP run at
+  150-180 GFLOP/s in isolation (2 threads; torch's 2048^3 fp32 matmul here: ~150), i.e. near the FMA
+  peak, about 70%; the rest is SnakeBeta (one fused loop per activation), residual adds, the weight
+  relayouts XLA inserts before each convolution, ~20k page faults for the 82 MB of per-call
+  temporaries, the pre-transformer and the upsampling stages. Per change (alternating A/B in one
+  process, min of 9-15 decodes of 112 frames): transposed convs in polyphase form + the last conv as a
+  matmul 332 -> 315 ms (loaded machine); convs with <= 64 channels in the 2-D (1, T) form 288 -> 274
+  ms; speech's 100 frames now pad to 104 instead of 112 (298 -> 282 ms; unpadded: 266 ms).
 """
 
 from __future__ import annotations

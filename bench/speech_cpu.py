@@ -25,34 +25,36 @@ Prints frames/s and real-time factor (audio seconds / compute seconds; 12.5 fram
 Also printed: the Code2Wav decode alone on the same codes (reference `chunked_decode` vs our
 `code2wav.decode_batch`), hence the talker + code predictor share; and whether our codes equal the
 reference's id for id (they do here: greedy on identical weights, so the waveforms agree to ~1e-6).
-`--threads 1` also runs XLA single-threaded (as bench/code2wav_cpu.py), otherwise XLA uses its pool.
+`--threads 1` also passes `--xla_cpu_multi_thread_eigen=false` to XLA (as bench/code2wav_cpu.py), which
+no longer keeps XLA:CPU on one core; otherwise XLA uses its pool.
 
-Recorded 2026-11-22 on the 2-core shared CPU box, 100 frames (8 s of audio, 191445 samples), best of
-2, codes identical to the reference's (16 x 100), max |wave error| / max |ref| 1.7e-6:
+Recorded 2026-11-22 09:50-10:31 on the 2-core shared CPU box, 100 frames (8 s of audio, 191445
+samples), best of 2, codes identical to the reference's (16 x 100), max |wave error| / max |ref|
+1.6e-6. Every run started after the CPUs had been idle (< 2% busy) for 5 s, under flock; load
+averages at start/end were 1.0-1.7 (earlier runs, ours included, and other jobs that started during
+a run). The run of the current code closest to the median, --threads 2 (load 1.25 -> 1.67):
 
-  --threads 2 (load average 4.53 -> 3.27):
   | side | seconds | frames/s | RTF (audio s / compute s) |
   |---|---|---|---|
-  | reference (torch, 2 threads) | 5.31 | 18.8 | 1.51x |
-  | omni_jax (XLA CPU) | 1.09 | 91.5 | 7.32x |
-  | of which Code2Wav alone, ref / ours | 0.54 / 0.32 | | 14.7x / 25.3x |
-  | so talker + code predictor, ref / ours | 4.76 / 0.78 | 21.0 / 128.7 | |
-  speed-up ours/ref: 4.86x (target >= 5x); omni_jax first call (compile + run) 8.8 s
+  | reference (torch, 2 threads) | 6.73 | 14.9 | 1.19x |
+  | omni_jax (XLA CPU) | 1.36 | 73.3 | 5.86x |
+  | of which Code2Wav alone, ref / ours | 0.68 / 0.34 | | 11.7x / 23.8x |
+  | so talker + code predictor, ref / ours | 6.05 / 1.03 | 16.5 / 97.2 | |
+  speed-up ours/ref: 4.94x (target >= 5x); omni_jax first call (compile + run) 12.2 s
 
-  --threads 1, XLA single-threaded (load average 3.27 -> 2.32):
-  | reference (torch, 1 thread) | 6.30 | 15.9 | 1.27x |
-  | omni_jax (XLA CPU) | 1.16 | 86.0 | 6.88x |
-  | of which Code2Wav alone, ref / ours | 0.82 / 0.34 | | 9.7x / 23.9x |
-  | so talker + code predictor, ref / ours | 5.48 / 0.83 | 18.3 / 120.9 | |
-  speed-up ours/ref: 5.42x; omni_jax first call 10.7 s
+  All six --threads 2 runs of the current code (speed-up; Code2Wav ref / ours s; talker + code
+  predictor ours s): 4.49x (0.75 / 0.30; 1.01), 5.57x (0.48 / 0.27; 0.82), 3.94x (0.79 / 0.27; 1.30),
+  4.63x (0.77 / 0.37; 0.89), 4.94x (0.68 / 0.34; 1.03), 5.18x (0.64 / 0.30; 0.95): median 4.8x,
+  reference 5.82-6.73 s; one more with only the transposed-conv change: 5.39x (0.53 / 0.28; 0.75).
+  --threads 1: 5.20x (load 1.31 -> 1.30), 5.48x (1.20 -> 1.25), ours 0.99 / 0.97 s, Code2Wav 0.25 s.
+  The code before the vocoder work (564dbf4), --threads 2, interleaved with these: 4.49x, 4.47x,
+  4.77x (Code2Wav ref / ours 0.63 / 0.41, 0.52 / 0.32, 0.71 / 0.40 s; talker + code predictor ours
+  0.89, 0.72, 0.88 s). Earlier record (same day, 05:16, load 1.1-1.6): 5.74 s vs 1.24 s, 4.64x.
 
-  The box is noisy: an earlier --threads 2 run of the same code at load average 5.1 -> 5.7 gave
-  reference 42.6 s vs omni_jax 3.54 s (12.0x; torch's two threads suffer most from contention), and
-  a later --threads 2 run, best of 3, load 2.0 -> 5.3 (another job started), 60.3 s vs 2.43 s (24.9x;
-  Code2Wav 4.09 vs 0.64 s), and an earlier --threads 1 run (XLA multi-threaded, load 3.8 -> 4.2) 6.07 s vs 2.39 s (2.5x). Take the
-  ratio as ~5x on a quiet machine, the talker + code predictor loop ~6x (one jitted step per frame vs
-  the reference's Python generate loops: a talker step plus a 15-step code predictor `generate`), the
-  vocoder 1.5-2.5x.
+  So Code2Wav went from ~1.6x to ~2.3x the reference (ours 0.25-0.37 s, 100 frames decoded as 104;
+  see bench/code2wav_cpu.py); the ratio now hinges on the talker + code predictor loop, 3/4 of our
+  time, which varies 0.72-1.30 s between runs on this shared box (the reference's 5.0-6.1 s): the 5x
+  target was met in 2 of the 6 runs (3 of 7 counting the partial one), not reliably.
 """
 
 from __future__ import annotations
