@@ -12,6 +12,7 @@ import pytest
 
 from omni_jax.nn import attention
 from omni_jax.nn import grouped_matmul as gm
+from tests.nn.test_grouped_matmul import _swiglu_reference
 
 
 @pytest.mark.parametrize("seq", [256, 250])  # 250: blocks of 63, 63, 63, 61
@@ -30,18 +31,6 @@ def test_causal_blocks_equal_one_masked_square(seq):
     if seq >= attention._CAUSAL_SPLIT_MIN:  # the entry point takes the block path
         entry = attention.self_attention(q, k, v, segment_ids=segment_ids, causal=True, impl="xla")
         np.testing.assert_array_equal(np.asarray(entry), np.asarray(blocks))
-
-
-def _swiglu_reference(x, gate, up, down, sizes):
-    x, gate, up, down = (np.asarray(a, np.float64) for a in (x, gate, up, down))
-    out = np.zeros((x.shape[0], down.shape[2]))
-    start = 0
-    for g, size in enumerate(sizes):
-        rows = x[start:start + size]
-        h = rows @ gate[g]
-        out[start:start + size] = (h / (1 + np.exp(-h)) * (rows @ up[g])) @ down[g]
-        start += size
-    return out
 
 
 @pytest.mark.parametrize("tiles", [(64, 16), (32, 4), (16,)])
