@@ -313,13 +313,11 @@ def _swiglu_gathered(x, gate_w, up_w, down_w, group_sizes, layer):
     """`grouped_swiglu` by gathering weights[layer, group of row] per row: reads R (D, F) matrices per
     projection, not G. For few rows only (the gather writes an (R, D, F) copy; its gradient is a
     scatter into the whole stack)."""
-    rows = x.shape[0]
     num_groups = gate_w.shape[-3]
     dtype = x.dtype
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    row_ids = jnp.arange(rows, dtype=jnp.int32)
-    row_group = jnp.minimum(jnp.searchsorted(ends, row_ids, side="right"), num_groups - 1)
-    live = row_ids < ends[-1]
+    row_group = group_ids_of_rows(group_sizes.astype(jnp.int32), x.shape[0])
+    live = row_group < num_groups  # padding rows past the groups come out as zeros
+    row_group = jnp.minimum(row_group, num_groups - 1)
 
     def per_row(w):  # (R, in, out)
         return (w[row_group] if layer is None else w[layer, row_group]).astype(dtype)
