@@ -304,8 +304,8 @@ def _varying_axes(*arrays) -> tuple[str, ...]:
 
 # Below this many rows (decode: tokens x top_k) the accelerator path gathers each row's three expert
 # matrices straight from the (stacked) weights instead of running the grouped kernel on a copy of the
-# layer's whole (G, D, F) stacks: at full size that copy is 1.2 GB per layer and made a decode step
-# ~30x slower than reading the routed experts (measured on an H200, bench/RESULTS.md).
+# layer's whole (G, D, F) stacks: at full size that copy is 1.2 GB per layer per step, and gathering
+# instead halved a 32-token answer on an H200 (1.30 -> 0.60 s, bench/RESULTS.md).
 GATHER_MAX_ROWS = 64
 
 
