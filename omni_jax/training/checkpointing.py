@@ -18,8 +18,8 @@ A step folder `<directory>/<step>/` holds three items:
 
 Crash safety: orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` only
 after every item is written (the commit). A process killed during a save leaves a temporary folder
-that `latest_step` / `restore_latest` never see; the next manager deletes it
-(`cleanup_tmp_directories`). The last committed step stays restorable.
+that `latest_step` / `restore_latest` never see; the next manager deletes it before its constructor
+returns (`cleanup_tmp_directories`). The last committed step stays restorable.
 
 Resharding: `restore_latest(abstract_state)` restores into the shapes, dtypes and shardings of
 `abstract_state` (`jax.ShapeDtypeStruct`s with `.sharding`, e.g. from `jax.eval_shape` + the target
@@ -124,6 +124,11 @@ class CheckpointManager:
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": _DataStateHandler(),
                            "meta": ocp.JsonCheckpointHandler()},
         )
+        # orbax deletes the leftovers in a background thread and waits for it only before its next
+        # save; a restore or a listing of the folder would race with that delete. Finish it here.
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
 
     def should_save(self, step: int, force: bool = False) -> bool:
         return bool(force) or (int(step) % self.save_every == 0)
