@@ -18,13 +18,14 @@ heads are PyTorch `ModuleList`s, so they are dicts keyed "0".."G-2" to keep the 
     model/codec_embedding/{i}/weight       (vocab, hidden)   i = 0..G-2
     lm_head/{i}/kernel                     (hidden, vocab)   i = 0..G-2
 
-The whole per-frame loop is one jittable function (`predict_residual_codes`): a 2-token prefill, then a
-`lax.scan` over the remaining groups. `stack_heads` turns the per-group dicts into (G-1, ...) arrays; pass
-its result in when calling the predictor inside a loop so that the stacking happens once.
+The whole per-frame loop is one jittable function (`predict_residual_codes`): a 2-token prefill, then the
+remaining groups one token at a time, unrolled. `stack_heads` turns the per-group dicts into (G-1, ...)
+arrays for the teacher-forced (training) path, which applies every head at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -143,7 +144,6 @@ def predict_residual_codes(
     rt: Runtime,
     *,
     sampling: SamplingConfig = DEFAULT_SAMPLING,
-    heads: Heads | None = None,
 ) -> ResidualCodes:
     """One frame's residual codes for every row, with a fresh cache (the reference's per-step
     `code_predictor.generate(inputs_embeds=[past_hidden, E(c0)], max_new_tokens=G-1)`).
@@ -152,18 +152,24 @@ def predict_residual_codes(
     `talker.codec_embedding(c0)`. key: PRNG key (unused when `sampling.do_sample` is False).
     sampling: the reference's predictor settings (`DEFAULT_SAMPLING`, or `SamplingConfig()` for greedy).
     Also returns the residual codes' embeddings, which the talker sums into its next input.
+
+    The G-1 steps and the predictor's layers are unrolled: every group's embedding table, head and
+    every layer's weights are then static operands. A scan indexes them with a traced step, and on
+    CPU each such index copies the matrix; inside the talker's frame loop that was a third of the
+    predictor's time. The graph is small (G-1 steps of a few layers), so the unrolled compile is cheap.
     """
     dtype = jnp.dtype(rt.dtype)
-    heads = stack_heads(cp_params) if heads is None else heads
     dims = code_predictor_dims(cfg)
+    rt_unrolled = dataclasses.replace(rt, scan_layers=False)
     groups = cfg.num_code_groups - 1
     b = talker_hidden_bd.shape[0]
-    vocab = heads.lm_heads.shape[-1]
-    no_seen = jnp.zeros((b, vocab), bool)  # the predictor has no repetition penalty
+    tables = [cp_params["model"]["codec_embedding"][str(g)]["weight"] for g in range(groups)]
+    lm_heads = [cp_params["lm_head"][str(g)]["kernel"] for g in range(groups)]
+    no_seen = jnp.zeros((b, lm_heads[0].shape[-1]), bool)  # the predictor has no repetition penalty
     keys = jax.random.split(key, groups)
 
-    def sample(hidden_bd, g):
-        logits = jnp.dot(hidden_bd, heads.lm_heads[g].astype(dtype))
+    def sample(hidden_bd, g: int):
+        logits = jnp.dot(hidden_bd, lm_heads[g].astype(dtype))
         return sample_next(logits, no_seen, keys[g], sampling)
 
     x = jnp.stack([talker_hidden_bd, first_embed_bd.astype(talker_hidden_bd.dtype)], axis=1).astype(dtype)
@@ -173,21 +179,18 @@ def predict_residual_codes(
     # gains nothing from the flash kernel that `prefill` would dispatch to on GPU.
     key_valid = jnp.ones((b, cfg.num_code_groups), bool)
     out = decoder.decode(
-        cp_params["model"], x, jnp.broadcast_to(jnp.arange(2), (b, 2)), cache, 0, key_valid, dims, rt
+        cp_params["model"], x, jnp.broadcast_to(jnp.arange(2), (b, 2)), cache, 0, key_valid, dims, rt_unrolled
     )
-    first = sample(out.hidden[:, -1], 0)
-
-    def body(carry, g):
-        cache, code, embeds = carry
-        e = jnp.take(heads.embeddings[g - 1], code, axis=0).astype(dtype)  # embeds codebook g
+    cache = out.cache
+    codes = [sample(out.hidden[:, -1], 0)]
+    embeds = []
+    for g in range(1, groups):
+        e = jnp.take(tables[g - 1], codes[-1], axis=0).astype(dtype)  # embeds codebook g
+        embeds.append(e)
         step = decoder.decode(
-            cp_params["model"], e[:, None], jnp.full((b, 1), g + 1), cache, g + 1, key_valid, dims, rt
+            cp_params["model"], e[:, None], jnp.full((b, 1), g + 1), cache, g + 1, key_valid, dims, rt_unrolled
         )
-        nxt = sample(step.hidden[:, 0], g)
-        return (step.cache, nxt, embeds.at[g - 1].set(e)), nxt
-
-    embeds0 = jnp.zeros((groups, b, talker_hidden_bd.shape[-1]), dtype)
-    (_, last, embeds), rest = jax.lax.scan(body, (out.cache, first, embeds0), jnp.arange(1, groups))
-    embeds = embeds.at[groups - 1].set(jnp.take(heads.embeddings[groups - 1], last, axis=0).astype(dtype))
-    codes = jnp.concatenate([first[:, None], rest.T.astype(jnp.int32)], axis=1) if groups > 1 else first[:, None]
-    return ResidualCodes(codes.astype(jnp.int32), jnp.moveaxis(embeds, 0, 1))
+        cache = step.cache
+        codes.append(sample(step.hidden[:, 0], g))
+    embeds.append(jnp.take(tables[groups - 1], codes[-1], axis=0).astype(dtype))
+    return ResidualCodes(jnp.stack(codes, axis=1).astype(jnp.int32), jnp.stack(embeds, axis=1))

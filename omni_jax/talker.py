@@ -593,7 +593,6 @@ def frame_step(
     rt: Runtime,
     *,
     cp_sampling: SamplingConfig = cp.DEFAULT_SAMPLING,
-    heads: cp.Heads | None = None,
 ):
     """Completes one frame and builds the talker's next input (the reference's
     `prepare_inputs_for_generation` for a decode step).
@@ -607,7 +606,7 @@ def frame_step(
     first = codec_embed(params, c0_b, dtype)
     res = cp.predict_residual_codes(
         params["code_predictor"], last_hidden_bd.astype(dtype), first, key, cfg.code_predictor_config, rt,
-        sampling=cp_sampling, heads=heads,
+        sampling=cp_sampling,
     )
     codec = jnp.sum(jnp.concatenate([first[:, None], res.embeds], axis=1), axis=1)
     codes = jnp.concatenate([c0_b[:, None].astype(jnp.int32), res.codes], axis=1)
@@ -712,7 +711,6 @@ def advance(
     `state.codes[:, k]` when step k runs. trailing_bld, tts_pad_d: from `TalkerInputs`;
     suppress_v, eos_token_id: as given to `start`."""
     eos = jnp.asarray(eos_token_id, jnp.int32)
-    heads = cp.stack_heads(params["code_predictor"])
     max_frames = state.codes.shape[1]
     prompt_len = state.key_valid.shape[1] - state.tokens.shape[1]
     num_trailing = trailing_bld.shape[1]
@@ -728,7 +726,7 @@ def advance(
             tts_pad_d,
         )
         frame, embed = frame_step(
-            params, s.last_hidden, s.last_token, text, k_cp, cfg, rt, cp_sampling=cp_sampling, heads=heads
+            params, s.last_hidden, s.last_token, text, k_cp, cfg, rt, cp_sampling=cp_sampling
         )
         cache_index = prompt_len + k
         key_valid = s.key_valid.at[:, cache_index].set(True)
