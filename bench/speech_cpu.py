@@ -28,6 +28,9 @@ reference's id for id (they do here: greedy on identical weights, so the wavefor
 `--threads 1` also passes `--xla_cpu_multi_thread_eigen=false` to XLA (as bench/code2wav_cpu.py), which
 no longer keeps XLA:CPU on one core; otherwise XLA uses its pool.
 
+Since 0d2cc0e (code predictor unrolled) six runs gave 6.0-7.3x (one from an idle box: 6.93x, ours
+1.03 s vs 7.11 s); see bench/RESULTS.md. The record below is of the code before that.
+
 Recorded 2026-11-22 09:50-10:31 on the 2-core shared CPU box, 100 frames (8 s of audio, 191445
 samples), best of 2, codes identical to the reference's (16 x 100), max |wave error| / max |ref|
 1.6e-6. Every run started after the CPUs had been idle (< 2% busy) for 5 s, under flock; load
