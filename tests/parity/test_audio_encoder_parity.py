@@ -309,7 +309,10 @@ def test_bad_inputs_are_refused_with_a_reason():
 def test_jit_cache_is_reused_for_similar_lengths():
     cfg, _, params = _reference_and_params()
     feats = _features([3050])
-    ae.encode(params, feats, [3050], cfg, FP32)
+    # Twice: on GPU (JAX 0.11.2) the second identical call adds a cache entry of its own (measured:
+    # 1 -> 2 entries for the same shapes, then no growth), which is not the recompile this test is about.
+    for _ in range(2):
+        ae.encode(params, feats, [3050], cfg, FP32)
     before = ae._encode_padded_jit._cache_size()
     ae.encode(params, feats[:, :3010], [3010], cfg, FP32)
     assert ae._encode_padded_jit._cache_size() == before
