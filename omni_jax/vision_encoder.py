@@ -79,6 +79,7 @@ __all__ = [
 ]
 
 LN_EPS = 1e-6  # every LayerNorm of the vision encoder (blocks and mergers)
+_CPU_QUERY_BLOCKS = 4  # query blocks per (row, head) on the CPU attention path
 MIN_ROW_LEN = 128  # packed rows are at least this long when the batch has this many patches
 
 # The reference's ACT2FN names for the block MLP; the mergers always use exact (erf) GELU.
@@ -401,12 +402,26 @@ def _attend(q_phd: jax.Array, k_phd: jax.Array, v_phd: jax.Array, segment_ids: j
         )
         return out.reshape(num_slots, heads, head_dim)
 
-    def heads_major(x):  # (P, H, D) -> (rows * H, row_len, 1, D)
-        return x.reshape(shape).transpose(0, 2, 1, 3).reshape(rows * heads, row_len, 1, head_dim)
+    def heads_major(x):  # (P, H, D) -> (rows * H, row_len, D)
+        return x.reshape(shape).transpose(0, 2, 1, 3).reshape(rows * heads, row_len, head_dim)
+
+    # Within one (row, head), queries go in blocks so that a block's scores stay in cache, and the
+    # softmax is normalised after the value product (a (block, D) division instead of a pass over the
+    # scores): 81 -> 71 ms per block of the benchmark video's attention (8 rows x 4 heads x 896).
+    query_blocks = _CPU_QUERY_BLOCKS if row_len % _CPU_QUERY_BLOCKS == 0 else 1
+    block = row_len // query_blocks
 
     def one(args):
-        q, k, v, seg = (a[None] for a in args)
-        return attn_lib.self_attention(q, k, v, segment_ids=seg, scale=scale, impl=rt.attention_impl)[0]
+        q, k, v, seg = args  # (L, D), (L, D), (L, D), (L,)
+        outs = []
+        for start in range(0, row_len, block):
+            qb, seg_b = q[start:start + block], seg[start:start + block]
+            scores = jnp.dot(qb, k.T, preferred_element_type=jnp.float32) * scale
+            scores = jnp.where(seg_b[:, None] == seg[None, :], scores, -jnp.inf)  # own segment: never empty
+            probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+            total = jnp.sum(probs, axis=-1, keepdims=True)
+            outs.append((jnp.dot(probs.astype(v.dtype), v, preferred_element_type=jnp.float32) / total).astype(v.dtype))
+        return jnp.concatenate(outs, axis=0)
 
     seg = jnp.repeat(segment_ids, heads, axis=0)
     out = jax.lax.map(one, (heads_major(q_phd), heads_major(k_phd), heads_major(v_phd), seg))
