@@ -56,10 +56,11 @@ with the same code. Greedy results do not depend on the number of processes; sam
 batch's seed is --seed + (its number x processes + process index) x --batch-size).
 
 Presets (no --ckpt) use seeded RANDOM weights: the text is random tokens and the audio noise
-(near-silent for the tiny preset), and --max-audio-frames defaults to 16 there. The tiny talker's
-vocabulary (96) is smaller than the reference's suppression window ([vocab - 1024, vocab)), which
-would leave only the codec EOS; infer.py then suppresses the non-code ids [codebook size, vocab)
-except EOS instead (the same set as the reference's window for the published model).
+(near-silent for the tiny preset), and --max-audio-frames defaults to 16 there. A talker vocabulary
+smaller than 1024 + the codebook (none of the presets) would put codes inside the reference's
+suppression window ([vocab - 1024, vocab)) and leave only the codec EOS; infer.py then suppresses the
+non-code ids [codebook size, vocab) except EOS instead (the same set as the reference's window for the
+published model).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ Tools and tests only: the library never imports torch. Requires `torch` and `tra
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Iterator
 
 import numpy as np
@@ -41,6 +43,33 @@ def reference_model(config: OmniConfig, *, thinker_only: bool = False, seed: int
         cfg._attn_implementation = attn_implementation
         model = modeling.Qwen3OmniMoeForConditionalGeneration(cfg)
     return model.eval().float()
+
+
+@contextlib.contextmanager
+def talker_penalty_over_all_generated_tokens():
+    """Within this block the reference applies its repetition penalty to every generated token of every
+    row, as its batch-1 talker does (and as omni_jax does at any batch size).
+
+    transformers 5.23.0 gives the repetition penalty `prompt_ignore_length` = each row's left padding in
+    the attention mask, meant to skip the padded prompt inside `input_ids`. The talker is generated from
+    `inputs_embeds`, so `input_ids` holds only generated tokens: a row whose talker prompt has P padding
+    positions (its user part shorter than the batch's longest) does not penalise its first P generated
+    codes. Its speech then depends on its batch mates. Batched parity tests run the reference under this
+    block so that they compare with its single-row behaviour.
+    """
+    from transformers.generation import logits_process
+
+    cls = logits_process.RepetitionPenaltyLogitsProcessor
+    original = cls.__init__
+
+    def without_prompt_ignore(self, penalty, prompt_ignore_length=None):
+        original(self, penalty, prompt_ignore_length=None)
+
+    cls.__init__ = without_prompt_ignore
+    try:
+        yield
+    finally:
+        cls.__init__ = original
 
 
 def randomize_(model, seed: int = 0, std: float = 0.05) -> None:

@@ -566,9 +566,10 @@ def _tiny() -> OmniConfig:
     )
     talker = TalkerConfig(
         text_config=TalkerTextConfig(
-            # 32 codec ids + 64 special ids. The reference's default suppression of [vocab - 1024, vocab)
-            # then leaves only the codec EOS: pass talker_suppress_tokens (e.g. range(32, 96)) for audio.
-            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            # 32 codec ids + 1024 special ids, the published layout (2048 + 1024): the reference's default
+            # suppression of [vocab - 1024, vocab) leaves the codebook free, and greedy codes vary (with 96
+            # ids the tiny talker's greedy codes saturated and hid a batching difference, see talker.start).
+            vocab_size=1056, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, rope_theta=1_000_000.0, mrope_section=(4, 2, 2),
             moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
             shared_expert_intermediate_size=24,

@@ -671,7 +671,11 @@ def start(
     )
     vocab = logits.shape[-1]
     key, sub = jax.random.split(key)
-    seen = jnp.zeros((b, vocab), bool)  # the reference's talker prompt has no ids: only generated ones count
+    # The reference's talker prompt has no ids: only generated ones count, every one of them. (Its batched
+    # path in transformers 5.23.0 skips a row's first P generated codes, P its left padding; we follow its
+    # batch-1 behaviour so that a row's speech does not depend on its batch mates. See
+    # convert/reference.talker_penalty_over_all_generated_tokens.)
+    seen = jnp.zeros((b, vocab), bool)
     token, done = _next_token(logits, suppress_v, seen, jnp.zeros((b,), bool), eos, sub, sampling)
     key_valid = jnp.concatenate(
         [jnp.asarray(attention_mask_bs, bool), jnp.zeros((b, max_new_tokens), bool)], axis=1

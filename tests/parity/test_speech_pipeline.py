@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 
+from convert.reference import talker_penalty_over_all_generated_tokens
 from omni_jax import code2wav, speech, talker
 from omni_jax.config import preset
 from tests.conftest import FP32
@@ -117,7 +118,8 @@ def _reference_generate(ref, ids, mask, media, thinker_eos, codec_eos, suppress)
         return captured["thinker"]
 
     def talker_spy(*a, **k):
-        captured["talker"] = talker_generate(*a, **k)
+        with talker_penalty_over_all_generated_tokens():
+            captured["talker"] = talker_generate(*a, **k)
         return captured["talker"]
 
     def decode_spy(codes, **k):
@@ -270,7 +272,8 @@ def test_image_prompt_needs_the_media_positions():
 
 def test_streaming_equals_the_seamless_decode():
     """`stream_speak` in chunks of 4 frames: per row, the concatenated audio is the full causal decode of
-    the row's frames (`speak(chunked=False)`), each row ends once with `final`, and it streams."""
+    the row's frames (`speak(chunked=False)`), each row ends once with `final`, and it streams: a row of
+    F frames arrives in ceil(F / 4) pieces of audio."""
     config, _, params = _model()
     sc = _scenario("text")
     full = _ours("text", chunked=False)
@@ -285,7 +288,9 @@ def test_streaming_equals_the_seamless_decode():
         assert audio.shape == expected.shape, (row, audio.shape, expected.shape)
         scale = np.abs(expected).max()
         assert np.abs(audio - expected).max() <= TOLERANCE * scale
-        assert sum(c.audio.size > 0 for c in mine) >= 2, "audio arrives in several chunks"
+        frames = full.codes[row].shape[1]
+        assert sum(c.audio.size > 0 for c in mine) == -(-frames // 4), (row, frames, [c.audio.size for c in mine])
+    assert max(c.shape[1] for c in full.codes) > 4, "a row long enough to stream in several pieces"
     # The seamless decode keeps the samples the reference's chunked decode cuts at each call's end.
     assert full.audio[0].shape[0] == _ours("text").audio[0].shape[0]  # one chunk (< 300 frames): same length
     np.testing.assert_array_equal(full.codes[0], _ours("text").codes[0])
@@ -361,11 +366,13 @@ def test_errors():
 
 
 def test_codec_eos_at_once_gives_empty_audio():
-    """With the reference's default suppression, a 96-entry talker vocabulary allows only the codec EOS:
-    every row ends before its first frame (the reference then fails stacking zero frames). We return
-    empty audio and (Q, 0) codes, offline and streamed."""
+    """Suppressing every talker id but the codec EOS (as the reference's default window does for a talker
+    vocabulary under 1024 + codebook size): every row ends before its first frame (the reference then
+    fails stacking zero frames). We return empty audio and (Q, 0) codes, offline and streamed."""
     config, _, params = _model()
-    kwargs = {**_speak_kwargs(_scenario("text")), "suppress_tokens": None, "codec_eos_token_id": None}
+    tc = config.talker_config
+    only_eos = tuple(i for i in range(tc.text_config.vocab_size) if i != tc.codec_eos_token_id)
+    kwargs = {**_speak_kwargs(_scenario("text")), "suppress_tokens": only_eos, "codec_eos_token_id": None}
     out = speech.speak(params, config, FP32, **kwargs)
     groups = config.talker_config.num_code_groups
     assert [c.shape for c in out.codes] == [(groups, 0)] * BATCH

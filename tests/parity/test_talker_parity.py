@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from convert.reference import talker_penalty_over_all_generated_tokens
 from omni_jax import talker
 from omni_jax.generate import SamplingConfig
 from tests.conftest import FP32
@@ -197,7 +198,8 @@ def _reference_speech(ref, ids, mask, **kwargs):
 
     def talker_spy(*a, **k):
         captured["talker_inputs"] = k
-        return talker_generate(*a, **k)
+        with talker_penalty_over_all_generated_tokens():
+            return talker_generate(*a, **k)
 
     def code2wav_spy(codes, **k):
         captured["codes"] = codes.clone()
@@ -376,7 +378,7 @@ def test_speaker_lookup_and_default_suppression():
     real = preset("qwen3-omni-30b-a3b-instruct").talker_config
     suppressed = talker.default_suppress_tokens(real)
     assert suppressed == tuple(i for i in range(2048, 3072) if i != 2150)
-    assert talker.default_suppress_tokens(tc) == tuple(i for i in range(96) if i != tc.codec_eos_token_id)
+    assert talker.default_suppress_tokens(tc) == tuple(i for i in range(32, 1056) if i != tc.codec_eos_token_id)
 
 
 def test_bfloat16_logits_close_by_kl(rng):
