@@ -13,9 +13,11 @@ steps:
   `get_rope_index` over the talker's ids with the image grid);
 * a single row (the reference's unbatched path, which does not trim).
 
-Tiny vocabularies: the reference's default suppression `[vocab - 1024, vocab)` leaves only the codec
-EOS for a 96-entry talker vocabulary, so both sides get `talker_suppress_tokens = [32, 96)` (every id
-that is not a codebook-0 code). The EOS ids (thinker and codec) are chosen among what the greedy
+Both sides get `talker_suppress_tokens = [32, vocab)` (every id that is not a codebook-0 code; for the
+tiny talker's 32 + 1024 ids this is the reference's default window with EOS no longer exempt, since the
+EOS is picked among the codes). The reference's talker runs under
+`convert.reference.talker_penalty_over_all_generated_tokens`: its batched repetition penalty otherwise
+skips a left-padded row's first codes, which its single-row path (and ours) does not. The EOS ids (thinker and codec) are chosen among what the greedy
 models emit, so that rows stop at different steps; both sides get the same ids.
 
 Streaming: `stream_speak` yields per row exactly the seamless full decode of the same frames.
