@@ -163,7 +163,7 @@ def main() -> int:
     peak = peak_gflops()
     print(f"torch {torch.__version__}, {args.threads} threads; load average {os.getloadavg()}")
     print(f"peak fp32 matmul (best of torch and XLA, 2048^3): {peak:.0f} GFLOP/s")
-    print(f"| reference run | best s | products s | product GFLOP | their rate GFLOP/s | floor s | bound on ours/ref |")
+    print("| reference run | best s | products s | product GFLOP | their rate GFLOP/s | floor s | bound on ours/ref |")
     print("|---|---|---|---|---|---|---|")
     for cases in (vision_cases, audio_cases):
         for name, run in cases():

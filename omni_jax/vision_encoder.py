@@ -405,23 +405,12 @@ def _attend(q_phd: jax.Array, k_phd: jax.Array, v_phd: jax.Array, segment_ids: j
     def heads_major(x):  # (P, H, D) -> (rows * H, row_len, D)
         return x.reshape(shape).transpose(0, 2, 1, 3).reshape(rows * heads, row_len, head_dim)
 
-    # Within one (row, head), queries go in blocks so that a block's scores stay in cache, and the
-    # softmax is normalised after the value product (a (block, D) division instead of a pass over the
-    # scores): 81 -> 71 ms per block of the benchmark video's attention (8 rows x 4 heads x 896).
+    # Query blocks within each (row, head): 81 -> 71 ms per layer of the benchmark video's attention
+    # (8 rows x 4 heads x 896) against one masked square per (row, head).
     query_blocks = _CPU_QUERY_BLOCKS if row_len % _CPU_QUERY_BLOCKS == 0 else 1
-    block = row_len // query_blocks
 
-    def one(args):
-        q, k, v, seg = args  # (L, D), (L, D), (L, D), (L,)
-        outs = []
-        for start in range(0, row_len, block):
-            qb, seg_b = q[start:start + block], seg[start:start + block]
-            scores = jnp.dot(qb, k.T, preferred_element_type=jnp.float32) * scale
-            scores = jnp.where(seg_b[:, None] == seg[None, :], scores, -jnp.inf)  # own segment: never empty
-            probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-            total = jnp.sum(probs, axis=-1, keepdims=True)
-            outs.append((jnp.dot(probs.astype(v.dtype), v, preferred_element_type=jnp.float32) / total).astype(v.dtype))
-        return jnp.concatenate(outs, axis=0)
+    def one(args):  # (L, D), (L, D), (L, D), (L,)
+        return attn_lib.segment_attention_in_blocks(*args, scale=scale, num_blocks=query_blocks)
 
     seg = jnp.repeat(segment_ids, heads, axis=0)
     out = jax.lax.map(one, (heads_major(q_phd), heads_major(k_phd), heads_major(v_phd), seg))

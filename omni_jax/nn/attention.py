@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from omni_jax import sharding
 
-__all__ = ["self_attention", "cached_attention", "masked_attention", "structure_mask"]
+__all__ = ["self_attention", "cached_attention", "masked_attention", "segment_attention_in_blocks", "structure_mask"]
 
 _MASKED = -1e30  # finite: a fully masked row stays NaN-free
 
@@ -175,6 +175,28 @@ def _causal_blocks(q, k, v, segment_ids, scale):
         q1 = min(q0 + block, sq)
         outs.append(masked_attention(q[:, q0:q1], k[:, :q1], v[:, :q1], mask[:, q0:q1, :q1], scale))
     return jnp.concatenate(outs, axis=1)
+
+
+def segment_attention_in_blocks(
+    q_sd: jax.Array, k_sd: jax.Array, v_sd: jax.Array, segment_ids_s: jax.Array, scale: float, num_blocks: int
+) -> jax.Array:
+    """Bidirectional attention of one head within segments, (S, D) each -> (S, D), queries in
+    `num_blocks` blocks (it must divide S). For CPU loops over (row, head): a block's scores stay in
+    cache, and the softmax is normalised after the value product (a (block, D) division instead of a
+    pass over the scores). Every query must share its segment with some key (itself, here).
+    """
+    seq = q_sd.shape[0]
+    block = seq // num_blocks
+    outs = []
+    for start in range(0, seq, block):
+        q, seg = q_sd[start:start + block], segment_ids_s[start:start + block]
+        scores = jnp.dot(q, k_sd.T, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(seg[:, None] == segment_ids_s[None, :], scores, -jnp.inf)
+        probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        total = jnp.sum(probs, axis=-1, keepdims=True)
+        out = jnp.dot(probs.astype(v_sd.dtype), v_sd, preferred_element_type=jnp.float32) / total
+        outs.append(out.astype(v_sd.dtype))
+    return jnp.concatenate(outs, axis=0)
 
 
 def cached_attention(

@@ -126,9 +126,8 @@ class CheckpointManager:
         )
         # orbax deletes the leftovers in a background thread and waits for it only before its next
         # save; a restore or a listing of the folder would race with that delete. Finish it here.
-        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
-        if await_cleanup is not None:
-            await_cleanup()
+        # (A private method of the pinned orbax-checkpoint 0.12.8: if it goes away, this fails loudly.)
+        self._manager._maybe_await_cleanup_tmp_directory()
 
     def should_save(self, step: int, force: bool = False) -> bool:
         return bool(force) or (int(step) % self.save_every == 0)
