@@ -468,8 +468,8 @@ class Runtime:
     attention_impl: "auto" (Pallas kernel on GPU/TPU, XLA elsewhere), "xla" or "pallas".
     moe_impl: "grouped" (sort tokens by expert + grouped matmul) or "dense" (every expert on every
       token; the test oracle).
-    grouped_matmul_impl: "auto" (Pallas on GPU/TPU, the pure-JAX tiled loop on CPU), "tiled",
-      "ragged_dot" or "pallas".
+    grouped_matmul_impl: "auto" (Pallas on GPU/TPU, the pure-JAX tiled loop on CPU, and on CPU for
+      decode-sized float32 batches the `cpu_kernels` expert kernel), "tiled", "ragged_dot" or "pallas".
     remat: rematerialisation policy name for training ("none", "full", "dots").
     expert_parallel: "auto" (inside a multi-device ambient mesh, `jax.set_mesh`, the MoE runs in
       `shard_map`: tokens stay on their shard and, when the mesh's `expert` axis is > 1, travel to the

@@ -13,7 +13,9 @@ Implementations, chosen by `impl`:
     at most `num_tiles + min(G, R) - 1` visits; each is one dense (tile, K) @ (K, N) product.
     Few rows (decode) take a per-row path instead, which reads only the experts that are used.
   * "ragged_dot": `jax.lax.ragged_dot`, for comparison.
-  * "auto": Pallas on GPU/TPU, "tiled" elsewhere.
+  * "auto": Pallas on GPU/TPU, "tiled" elsewhere; for `grouped_swiglu` on CPU with at most
+    CPU_KERNEL_MAX_ROWS float32 rows (decode), `cpu_kernels.expert_swiglu`, a numba kernel that
+    reads each used expert's matrices once, in place (XLA:CPU copies and repacks them, below).
 
 `grouped_swiglu` is the expert feed-forward built on the same entry point: three grouped matmuls on
 GPU/TPU; on CPU one fused loop over *group-aligned* row tiles that computes gate, up, SiLU and down
@@ -36,6 +38,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from omni_jax import sharding
 
 __all__ = ["grouped_matmul", "grouped_swiglu", "group_ids_of_rows"]
 
@@ -257,6 +261,10 @@ def _swiglu_visits(out, x, gate_w, up_w, down_w, group_sizes, layer, tiles: tupl
 
 _VISIT_CHUNK = 8
 
+# Up to this many rows (decode: tokens x top_k), "auto" on CPU runs float32 experts in
+# `cpu_kernels.expert_swiglu`; above it XLA's products are large enough to pay for their copies.
+CPU_KERNEL_MAX_ROWS = 64
+
 
 def _swiglu_tiled(x, gate_w, up_w, down_w, group_sizes, layer, max_group_size, tiles=None):
     """The CPU path of `grouped_swiglu`: tall tiles where groups are large, short ones for the rest.
@@ -355,6 +363,17 @@ def _swiglu_tile_ladder(rows: int, num_groups: int, max_group_size: int | None) 
     return (small,)
 
 
+def _use_cpu_kernel(x, gate_w, up_w, down_w, group_sizes) -> bool:
+    """Few float32 rows on CPU, outside shard_map: the decode case `cpu_kernels.expert_swiglu` is for
+    (it reads each used expert once; XLA:CPU copies and repacks each, see the module docstring)."""
+    if jax.default_backend() != "cpu" or x.shape[0] > CPU_KERNEL_MAX_ROWS:
+        return False
+    if any(a.dtype != jnp.float32 for a in (x, gate_w, up_w, down_w)):
+        return False
+    mesh = sharding.ambient_mesh()  # under a multi-device mesh or in shard_map: XLA's partitioning
+    return (mesh is None or mesh.size == 1) and not _varying_axes(x, gate_w, up_w, down_w, group_sizes)
+
+
 def grouped_swiglu(
     x: jax.Array,
     gate_w: jax.Array,
@@ -381,6 +400,10 @@ def grouped_swiglu(
             f"{gate_w.shape}, {up_w.shape}, {down_w.shape} (layer={'given' if stacked else 'None'})"
         )
     dtype = x.dtype
+    if impl == "auto" and _use_cpu_kernel(x, gate_w, up_w, down_w, group_sizes):
+        import cpu_kernels  # noqa: PLC0415  (numba compiles or loads its cache on first import)
+
+        return cpu_kernels.expert_swiglu(x, gate_w, up_w, down_w, group_sizes, layer)
     impl = _resolve(impl)
     if impl == "pallas" and x.shape[0] <= GATHER_MAX_ROWS:
         return _swiglu_gathered(x, gate_w, up_w, down_w, group_sizes, layer)

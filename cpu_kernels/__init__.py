@@ -1,0 +1,17 @@
+"""CPU kernels for omni_jax: compiled loops that XLA:CPU cannot express fast, called as XLA FFI targets.
+
+    import cpu_kernels
+    y = cpu_kernels.expert_swiglu(x, gate_w, up_w, down_w, group_sizes, layer=None)
+    #   x (rows, d) sorted by group; gate_w, up_w ([layers,] groups, d, f); down_w ([layers,] groups, f, d_out);
+    #   group_sizes (groups,) int32 -> (rows, d_out); float32 only
+
+The kernels are written with numba (a librosa dependency already) and registered with XLA through
+the typed FFI (`jax.ffi`), so they run inside jitted programs like any other op. They exist for
+decode-sized work, where XLA:CPU's cost is not arithmetic but memory traffic it adds around small
+products (see `expert_swiglu`). Each has a pure-JAX equivalent in `omni_jax.nn` that is its test
+oracle and its backward pass.
+"""
+
+from cpu_kernels.expert_swiglu import expert_swiglu, expert_swiglu_supported
+
+__all__ = ["expert_swiglu", "expert_swiglu_supported"]

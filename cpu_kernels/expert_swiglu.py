@@ -1,0 +1,194 @@
+"""SwiGLU experts on a few rows sorted by expert, reading each used expert's matrices once.
+
+    y[r] = down_g(silu(x[r] @ gate_g) * (x[r] @ up_g))      g = the group (expert) of sorted row r
+
+The decode-time MoE on CPU: a handful of rows (batch x top_k) against a few of the experts. There
+the arithmetic is nothing and the time is memory: the used experts' matrices must be read from the
+stacked weights. XLA:CPU reads each of them about three times (a dynamic-slice copy out of the
+stack, YNNPACK's repacking of the product's right-hand side, the product), and a loop fusion that
+would read it in place lowers the reduction poorly (all measured, see `bench/RESULTS.md`). This
+kernel streams every used matrix once, straight from the stack, with the rows of its group
+accumulated together (loop order d, then rows, then f: one weight row is loaded and used for every
+row of the group), and spreads the groups over the CPU's cores.
+
+Numerics: float32 throughout, each output a sequential float32 sum over the contraction (d for
+gate/up, f for down), so results differ from a blocked matmul's only in summation order. SiLU is
+a / (1 + exp(-a)), as `jax.nn.silu`.
+
+Gradients: a custom VJP whose backward pass is the pure-JAX grouped SwiGLU's (`omni_jax.nn.
+grouped_matmul`), so the kernel is a forward-only speed-up.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numba import carray, cfunc, njit, prange, types
+
+from cpu_kernels import ffi
+
+__all__ = ["expert_swiglu", "expert_swiglu_supported"]
+
+_TARGET = "omni_jax_cpu_expert_swiglu"
+
+
+@njit(parallel=True, cache=True)
+def _swiglu_groups(x, sizes, gate, up, down, layer, gate_rows, up_rows, out):
+    """In place: out (R, Do); gate_rows, up_rows (R, F) are scratch. Bounds are enforced here:
+    this runs on raw buffers, so a bad group size or layer must not write out of bounds."""
+    rows, hidden = x.shape
+    num_groups = sizes.shape[0]
+    inter = gate.shape[3]
+    hidden_out = down.shape[3]
+    layer = min(max(layer, 0), gate.shape[0] - 1)  # XLA's clamping of dynamic indices
+    starts = np.empty(num_groups + 1, np.int64)
+    starts[0] = 0
+    for g in range(num_groups):
+        starts[g + 1] = min(starts[g] + max(sizes[g], 0), rows)
+    for r in range(rows):
+        for j in range(hidden_out):
+            out[r, j] = 0.0
+    for g in prange(num_groups):
+        first = starts[g]
+        count = starts[g + 1] - first
+        if count == 0:
+            continue
+        w_gate = gate[layer, g]
+        w_up = up[layer, g]
+        w_down = down[layer, g]
+        for t in range(first, first + count):
+            for f in range(inter):
+                gate_rows[t, f] = 0.0
+                up_rows[t, f] = 0.0
+        for d in range(hidden):
+            for t in range(first, first + count):
+                xv = x[t, d]
+                for f in range(inter):
+                    gate_rows[t, f] += xv * w_gate[d, f]
+                    up_rows[t, f] += xv * w_up[d, f]
+        for t in range(first, first + count):
+            for f in range(inter):
+                a = gate_rows[t, f]
+                gate_rows[t, f] = a / (np.float32(1.0) + np.exp(-a)) * up_rows[t, f]
+        for f in range(inter):
+            for t in range(first, first + count):
+                h = gate_rows[t, f]
+                for j in range(hidden_out):
+                    out[t, j] += h * w_down[f, j]
+
+
+_API_MAJOR, _API_MINOR = ffi.api_version()
+
+
+@cfunc(types.voidptr(types.voidptr), cache=True)
+def _handler(frame_address):
+    frame = carray(frame_address, (15,), dtype=np.int64)
+    if ffi.answer_metadata(frame, _API_MAJOR, _API_MINOR) or not ffi.is_execute_call(frame):
+        return ffi.null()
+    # Arguments: layer (1,) int32, x (R, D), sizes (G,) int32, gate (L, G, D, F), up (L, G, D, F),
+    # down (L, G, F, Do). Results: out (R, Do), gate scratch (R, F), up scratch (R, F).
+    address, _ = ffi.buffer_data(frame, 0, False)
+    layer = carray(ffi.pointer(address), (1,), dtype=np.int32)[0]
+    address, dims = ffi.buffer_data(frame, 1, False)
+    x = carray(ffi.pointer(address), (dims[0], dims[1]), dtype=np.float32)
+    address, dims = ffi.buffer_data(frame, 2, False)
+    sizes = carray(ffi.pointer(address), (dims[0],), dtype=np.int32)
+    address, dims = ffi.buffer_data(frame, 3, False)
+    gate = carray(ffi.pointer(address), (dims[0], dims[1], dims[2], dims[3]), dtype=np.float32)
+    address, dims = ffi.buffer_data(frame, 4, False)
+    up = carray(ffi.pointer(address), (dims[0], dims[1], dims[2], dims[3]), dtype=np.float32)
+    address, dims = ffi.buffer_data(frame, 5, False)
+    down = carray(ffi.pointer(address), (dims[0], dims[1], dims[2], dims[3]), dtype=np.float32)
+    address, dims = ffi.buffer_data(frame, 0, True)
+    out = carray(ffi.pointer(address), (dims[0], dims[1]), dtype=np.float32)
+    address, dims = ffi.buffer_data(frame, 1, True)
+    gate_rows = carray(ffi.pointer(address), (dims[0], dims[1]), dtype=np.float32)
+    address, dims = ffi.buffer_data(frame, 2, True)
+    up_rows = carray(ffi.pointer(address), (dims[0], dims[1]), dtype=np.float32)
+    _swiglu_groups(x, sizes, gate, up, down, layer, gate_rows, up_rows, out)
+    return ffi.null()
+
+
+@functools.cache
+def _registered() -> str:
+    ffi.register(_TARGET, _handler.address)
+    return _TARGET
+
+
+def expert_swiglu_supported(x, gate_w, up_w, down_w) -> bool:
+    """Whether `expert_swiglu` takes these operands (float32 everywhere). It is correct for any row
+    count but meant for few (decode); `omni_jax.nn.grouped_matmul` decides where it runs."""
+    return all(a.dtype == jnp.float32 for a in (x, gate_w, up_w, down_w))
+
+
+def _check(x, gate_w, up_w, down_w, group_sizes, layer):
+    stacked = layer is not None
+    rank = 3 + stacked
+    ok = (x.ndim == 2 and gate_w.ndim == rank and up_w.shape == gate_w.shape and down_w.ndim == rank
+          and gate_w.shape[-2] == x.shape[1] and down_w.shape[-2] == gate_w.shape[-1]
+          and down_w.shape[:-2] == gate_w.shape[:-2] and group_sizes.shape == (gate_w.shape[-3],))
+    if not ok:
+        raise ValueError(
+            f"expert_swiglu expects x (R, D), gate/up ({'L, ' if stacked else ''}G, D, F), down "
+            f"({'L, ' if stacked else ''}G, F, D'), group_sizes (G,); got x {x.shape}, gate {gate_w.shape}, "
+            f"up {up_w.shape}, down {down_w.shape}, group_sizes {group_sizes.shape}")
+    if not expert_swiglu_supported(x, gate_w, up_w, down_w):
+        raise ValueError(
+            f"expert_swiglu takes float32 operands; got x {x.dtype} with weights "
+            f"{gate_w.dtype}/{up_w.dtype}/{down_w.dtype}: cast them, or use "
+            "omni_jax.nn.grouped_matmul.grouped_swiglu(impl='tiled') for these")
+
+
+def _forward(x, gate_w, up_w, down_w, group_sizes, layer):
+    if layer is None:  # one stack: a leading layers axis of 1 (a bitcast, no copy)
+        gate_w, up_w, down_w = (w[None] for w in (gate_w, up_w, down_w))
+        layer = 0
+    rows, inter, hidden_out = x.shape[0], gate_w.shape[-1], down_w.shape[-1]
+    call = jax.ffi.ffi_call(
+        _registered(),
+        (jax.ShapeDtypeStruct((rows, hidden_out), jnp.float32),
+         jax.ShapeDtypeStruct((rows, inter), jnp.float32),
+         jax.ShapeDtypeStruct((rows, inter), jnp.float32)),
+        vmap_method="sequential",
+    )
+    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    return call(layer, x, group_sizes.astype(jnp.int32), gate_w, up_w, down_w)[0]
+
+
+def _reference(x, gate_w, up_w, down_w, group_sizes, layer):
+    from omni_jax.nn.grouped_matmul import grouped_swiglu  # noqa: PLC0415  (it imports this module)
+
+    return grouped_swiglu(x, gate_w, up_w, down_w, group_sizes, impl="tiled", layer=layer)
+
+
+def expert_swiglu(x, gate_w, up_w, down_w, group_sizes, layer=None):
+    """SwiGLU experts per group on rows sorted by group: the CPU kernel for few rows.
+
+    x (R, D) float32 sorted by group (meant for few rows: decode); gate_w, up_w ([L,] G, D, F); down_w
+    ([L,] G, F, D'); group_sizes (G,) int. With `layer` (an int or int32 scalar), the weights carry a
+    leading layers axis and `layer` selects one, read in place. Rows past sum(group_sizes) come out
+    as zeros. Returns (R, D') float32. Differentiable (the backward pass is pure JAX).
+    """
+    _check(x, gate_w, up_w, down_w, group_sizes, layer)
+    return _differentiable(x, gate_w, up_w, down_w, group_sizes, layer)
+
+
+@jax.custom_vjp
+def _differentiable(x, gate_w, up_w, down_w, group_sizes, layer):
+    return _forward(x, gate_w, up_w, down_w, group_sizes, layer)
+
+
+def _fwd(x, gate_w, up_w, down_w, group_sizes, layer):
+    return _forward(x, gate_w, up_w, down_w, group_sizes, layer), (x, gate_w, up_w, down_w, group_sizes, layer)
+
+
+def _bwd(residuals, dy):
+    x, gate_w, up_w, down_w, group_sizes, layer = residuals
+    _, pullback = jax.vjp(lambda *w: _reference(*w, group_sizes, layer), x, gate_w, up_w, down_w)
+    return (*pullback(dy), None, None)
+
+
+_differentiable.defvjp(_fwd, _bwd)

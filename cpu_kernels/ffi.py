@@ -1,0 +1,111 @@
+"""numba <-> XLA typed FFI plumbing: read an `XLA_FFI_CallFrame` from a numba `cfunc`, register it.
+
+A handler is `cfunc(voidptr(voidptr))`: it receives the call frame and returns an `XLA_FFI_Error*`
+(NULL for success). The structs are read as arrays of 64-bit words at the offsets of
+`xla/ffi/api/c_api.h` (x86-64 / aarch64 LP64 layout), which is a stable binary interface:
+
+    XLA_FFI_CallFrame  words: 0 struct_size, 1 extension_start, 2 api, 3 ctx, 4 stage (int32),
+                              5-9 args {struct_size, ext, size, types, args},
+                              10-14 rets {struct_size, ext, size, types, rets}, ...
+    XLA_FFI_Buffer     words: 0 struct_size, 1 ext, 2 dtype (int32), 3 data, 4 rank, 5 dims
+
+When XLA registers a handler it first calls it with a metadata extension in `extension_start`,
+asking which FFI API version the handler was built against; `answer_metadata` fills that in with
+the version of the header shipped in jaxlib (`jax.ffi.include_dir()`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import re
+
+import jax
+import numba
+import numpy as np
+from numba import carray, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+__all__ = ["pointer", "null", "is_execute_call", "answer_metadata", "buffer_data", "register"]
+
+# Start numba's threading layer before any cached parallel function is loaded: a cached
+# `parallel=True` function loaded first fails with "LLVM ERROR: Symbol not found: allocate_sched"
+# (numba 0.68.1, measured); `get_num_threads` starts the layer.
+numba.get_num_threads()
+
+_EXTENSION_METADATA = 1
+_STAGE_EXECUTE = 3
+
+
+@functools.cache
+def api_version() -> tuple[int, int]:
+    """(major, minor) FFI API version of the jaxlib this process runs."""
+    with open(os.path.join(jax.ffi.include_dir(), "xla", "ffi", "api", "c_api.h")) as f:
+        header = f.read()
+    major = re.search(r"#define XLA_FFI_API_MAJOR (\d+)", header)
+    minor = re.search(r"#define XLA_FFI_API_MINOR (\d+)", header)
+    if major is None or minor is None:
+        raise RuntimeError("jaxlib's xla/ffi/api/c_api.h does not define XLA_FFI_API_MAJOR/MINOR; "
+                           "cpu_kernels cannot register its FFI handlers with this jaxlib")
+    return int(major.group(1)), int(minor.group(1))
+
+
+@intrinsic
+def pointer(typingctx, address):
+    """An int64 address as a `voidptr` (for `numba.carray`)."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return types.voidptr(types.int64), codegen
+
+
+@intrinsic
+def null(typingctx):
+    """NULL `voidptr`: a handler's "no error" return value."""
+    def codegen(context, builder, signature, args):
+        return cgutils.voidptr_t(None)
+    return types.voidptr(), codegen
+
+
+@njit(inline="always")
+def _words(address, count):
+    return carray(pointer(address), (count,), dtype=np.int64)
+
+
+@njit(inline="always")
+def answer_metadata(frame, major, minor):
+    """If XLA is asking for the handler's metadata, answers it and returns True."""
+    if frame[1] == 0:
+        return False
+    extension = _words(frame[1], 3)  # struct_size, type (int32), next
+    if (extension[1] & 0xFFFFFFFF) != _EXTENSION_METADATA:
+        return False
+    metadata = _words(frame[1], 4)[3]  # XLA_FFI_Metadata_Extension.metadata
+    # XLA_FFI_Metadata: struct_size, api_version {struct_size, ext, major int32, minor int32}, traits uint32
+    version = carray(pointer(metadata + 24), (2,), dtype=np.int32)
+    version[0] = major
+    version[1] = minor
+    carray(pointer(metadata + 32), (1,), dtype=np.uint32)[0] = 0
+    return True
+
+
+@njit(inline="always")
+def is_execute_call(frame):
+    return (frame[4] & 0xFFFFFFFF) == _STAGE_EXECUTE
+
+
+@njit(inline="always")
+def buffer_data(frame, index, is_result):
+    """Data address and dims (int64 array) of argument (or result) `index`."""
+    table = _words(frame[14] if is_result else frame[9], index + 1)
+    buffer = _words(table[index], 6)
+    return buffer[3], carray(pointer(buffer[5]), (buffer[4],), dtype=np.int64)
+
+
+def register(name: str, handler_address: int) -> None:
+    """Registers a handler (`cfunc.address`) as the CPU FFI target `name`."""
+    new_capsule = ctypes.pythonapi.PyCapsule_New
+    new_capsule.restype = ctypes.py_object
+    new_capsule.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
+    jax.ffi.register_ffi_target(name, new_capsule(handler_address, None, None), platform="cpu")
