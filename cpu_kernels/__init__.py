@@ -4,6 +4,8 @@
     y = cpu_kernels.expert_swiglu(x, gate_w, up_w, down_w, group_sizes, layer=None)
     #   x (rows, d) sorted by group; gate_w, up_w ([layers,] groups, d, f); down_w ([layers,] groups, f, d_out);
     #   group_sizes (groups,) int32 -> (rows, d_out); float32 only
+    y = cpu_kernels.rows_matmul(x, w)
+    #   x (rows, k) @ w (k, n) -> (rows, n); float32 only (the decode-time language-model head)
 
 The kernels are written with numba (a librosa dependency already) and registered with XLA through
 the typed FFI (`jax.ffi`), so they run inside jitted programs like any other op. They exist for
@@ -13,5 +15,6 @@ oracle and its backward pass.
 """
 
 from cpu_kernels.expert_swiglu import expert_swiglu, expert_swiglu_supported
+from cpu_kernels.rows_matmul import rows_matmul
 
-__all__ = ["expert_swiglu", "expert_swiglu_supported"]
+__all__ = ["expert_swiglu", "expert_swiglu_supported", "rows_matmul"]

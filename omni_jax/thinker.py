@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from omni_jax.audio_encoder import audio_encoder_specs
 from omni_jax.config import Runtime, ThinkerConfig
 from omni_jax.nn import decoder
+from omni_jax.nn.dense import project
 from omni_jax.sharding import constrain
 from omni_jax.vision_encoder import vision_encoder_specs
 from omni_jax.nn.params import ParamSpec
@@ -62,8 +63,9 @@ def lm_logits(params: dict, hidden_bsd: jax.Array) -> jax.Array:
     """(B, S, D) final-normed hidden -> (B, S, vocab) logits in the hidden dtype.
 
     Vocabulary-parallel under a mesh: `lm_head` is split on vocab over `tensor` and so are the logits.
+    At decode on CPU (float32) the product is `cpu_kernels.rows_matmul` (see `nn/dense.project`).
     """
-    logits = jnp.dot(hidden_bsd, params["lm_head"]["kernel"].astype(hidden_bsd.dtype))
+    logits = project(hidden_bsd, params["lm_head"]["kernel"])
     return constrain(logits, ("batch", "seq", "vocab"))
 
 

@@ -14,8 +14,9 @@ Implementations, chosen by `impl`:
     Few rows (decode) take a per-row path instead, which reads only the experts that are used.
   * "ragged_dot": `jax.lax.ragged_dot`, for comparison.
   * "auto": Pallas on GPU/TPU, "tiled" elsewhere; for `grouped_swiglu` on CPU with at most
-    CPU_KERNEL_MAX_ROWS float32 rows (decode), `cpu_kernels.expert_swiglu`, a numba kernel that
-    reads each used expert's matrices once, in place (XLA:CPU copies and repacks them, below).
+    CPU_KERNEL_MAX_ROWS float32 rows (decode; see `nn/dense.use_cpu_kernel`),
+    `cpu_kernels.expert_swiglu`, a numba kernel that reads each used expert's matrices once, in
+    place (XLA:CPU copies and repacks them, below).
 
 `grouped_swiglu` is the expert feed-forward built on the same entry point: three grouped matmuls on
 GPU/TPU; on CPU one fused loop over *group-aligned* row tiles that computes gate, up, SiLU and down
@@ -39,7 +40,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from omni_jax import sharding
+from omni_jax.nn.dense import CPU_KERNEL_MAX_ROWS, use_cpu_kernel
 
 __all__ = ["grouped_matmul", "grouped_swiglu", "group_ids_of_rows"]
 
@@ -261,9 +262,6 @@ def _swiglu_visits(out, x, gate_w, up_w, down_w, group_sizes, layer, tiles: tupl
 
 _VISIT_CHUNK = 8
 
-# Up to this many rows (decode: tokens x top_k), "auto" on CPU runs float32 experts in
-# `cpu_kernels.expert_swiglu`; above it XLA's products are large enough to pay for their copies.
-CPU_KERNEL_MAX_ROWS = 64
 
 
 def _swiglu_tiled(x, gate_w, up_w, down_w, group_sizes, layer, max_group_size, tiles=None):
@@ -364,14 +362,9 @@ def _swiglu_tile_ladder(rows: int, num_groups: int, max_group_size: int | None) 
 
 
 def _use_cpu_kernel(x, gate_w, up_w, down_w, group_sizes) -> bool:
-    """Few float32 rows on CPU, outside shard_map: the decode case `cpu_kernels.expert_swiglu` is for
-    (it reads each used expert once; XLA:CPU copies and repacks each, see the module docstring)."""
-    if jax.default_backend() != "cpu" or x.shape[0] > CPU_KERNEL_MAX_ROWS:
-        return False
-    if any(a.dtype != jnp.float32 for a in (x, gate_w, up_w, down_w)):
-        return False
-    mesh = sharding.ambient_mesh()  # under a multi-device mesh or in shard_map: XLA's partitioning
-    return (mesh is None or mesh.size == 1) and not _varying_axes(x, gate_w, up_w, down_w, group_sizes)
+    """Few float32 rows on CPU, outside multi-device meshes: the decode case `cpu_kernels.expert_swiglu`
+    is for (it reads each used expert once; XLA:CPU copies and repacks each, see the module docstring)."""
+    return use_cpu_kernel(x.shape[0], x, gate_w, up_w, down_w) and not _varying_axes(group_sizes)
 
 
 def grouped_swiglu(

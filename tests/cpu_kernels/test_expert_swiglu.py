@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import cpu_kernels
-from omni_jax.nn.grouped_matmul import CPU_KERNEL_MAX_ROWS, grouped_swiglu
+from omni_jax.nn.dense import CPU_KERNEL_MAX_ROWS
+from omni_jax.nn.grouped_matmul import grouped_swiglu
 
 
 def _silu(a):
