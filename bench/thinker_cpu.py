@@ -7,14 +7,15 @@ vocab 8192. Work: batch 4 x 256 prompt tokens, then 64 new tokens (greedy, no ea
 Prints prefill and decode tokens/s for both and the ratios (targets: prefill >= 1.5x, decode >= 5x).
 Timings exclude compilation (omni_jax) and a warm-up run (both); the best of `--repeats` runs counts.
 
-Measured 2026-11-22 09:58-10:00 (2-core AMD EPYC, `--repeats 5`, under `flock /tmp/omni_bench.lock`,
-load average 1.7 -> 2.0 per run), two runs: prefill 2,675 / 2,698 (reference) vs 3,305 / 3,380 tok/s
-= 1.24x / 1.25x; decode 125.4 / 119.8 vs 249.3 / 256.4 tok/s = 1.99x / 2.14x; end to end 1.94x.
-Floors (`bench/roofline_cpu.py`, details in bench/RESULTS.md): prefill is 33.6 GFLOP, ~187 ms at the
-best measured fp32 matmul rate (~180 GFLOP/s), so at most ~2.0x; a decode step reads ~190-200 MB,
-6.3-6.9 ms at the best measured read bandwidth (29-30 GB/s; median 25) against the reference's
-32-33 ms, so at most 4.6-5.3x: 5x needs every byte streamed at peak with zero overhead, out of
-reach in practice on this machine in fp32 (and with XLA:CPU's 4-row products, ~13 GB/s, at all).
+Measured 2026-11-22 15:45-16:05 (2-core AMD EPYC, `--repeats 3`, under `flock /tmp/omni_bench.lock`,
+load average 1.5-3.0, interleaved with the code before the CPU decode kernels): prefill 1.30x / 1.24x;
+decode 127.9 / 127.9 (reference) vs 419.2 / 390.2 tok/s = 3.28x / 3.05x (before: 1.91x-2.06x); end
+to end 2.62x / 2.54x. Floors (`bench/roofline_cpu.py`, details in bench/RESULTS.md): prefill is
+33.6 GFLOP, ~187 ms at the best measured fp32 matmul rate (~180 GFLOP/s), so at most ~2.0x; a decode
+step reads ~190 MB, 6.3-6.9 ms at the best measured read bandwidth (29-30 GB/s; median 25) against
+the reference's 31-34 ms, so at most 4.6-5.3x: 5x needs every byte streamed at peak with zero
+overhead, out of reach in practice on this machine in fp32. Ours streams the step at ~19-20 GB/s
+(the experts and lm_head through `cpu_kernels`, which read each used matrix once).
 """
 
 from __future__ import annotations
