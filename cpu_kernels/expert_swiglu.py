@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numba import carray, cfunc, njit, prange, types
+from numba import cfunc, njit, prange
 
 from cpu_kernels import ffi
 
@@ -80,34 +80,18 @@ def _swiglu_groups(x, sizes, gate, up, down, layer, gate_rows, up_rows, out):
                     out[t, j] += h * w_down[f, j]
 
 
-_API_MAJOR, _API_MINOR = ffi.api_version()
-
-
-@cfunc(types.voidptr(types.voidptr), cache=True)
+@cfunc(ffi.HANDLER_SIGNATURE, cache=True)
 def _handler(frame_address):
-    frame = carray(frame_address, (15,), dtype=np.int64)
-    if ffi.answer_metadata(frame, _API_MAJOR, _API_MINOR) or not ffi.is_execute_call(frame):
+    frame = ffi.call_frame(frame_address)
+    if frame.size == 0:
         return ffi.null()
     # Arguments: layer (1,) int32, x (R, D), sizes (G,) int32, gate (L, G, D, F), up (L, G, D, F),
     # down (L, G, F, Do). Results: out (R, Do), gate scratch (R, F), up scratch (R, F).
-    address, _ = ffi.buffer_data(frame, 0, False)
-    layer = carray(ffi.pointer(address), (1,), dtype=np.int32)[0]
-    address, dims = ffi.buffer_data(frame, 1, False)
-    x = carray(ffi.pointer(address), (dims[0], dims[1]), dtype=np.float32)
-    address, dims = ffi.buffer_data(frame, 2, False)
-    sizes = carray(ffi.pointer(address), (dims[0],), dtype=np.int32)
-    address, dims = ffi.buffer_data(frame, 3, False)
-    gate = carray(ffi.pointer(address), (dims[0], dims[1], dims[2], dims[3]), dtype=np.float32)
-    address, dims = ffi.buffer_data(frame, 4, False)
-    up = carray(ffi.pointer(address), (dims[0], dims[1], dims[2], dims[3]), dtype=np.float32)
-    address, dims = ffi.buffer_data(frame, 5, False)
-    down = carray(ffi.pointer(address), (dims[0], dims[1], dims[2], dims[3]), dtype=np.float32)
-    address, dims = ffi.buffer_data(frame, 0, True)
-    out = carray(ffi.pointer(address), (dims[0], dims[1]), dtype=np.float32)
-    address, dims = ffi.buffer_data(frame, 1, True)
-    gate_rows = carray(ffi.pointer(address), (dims[0], dims[1]), dtype=np.float32)
-    address, dims = ffi.buffer_data(frame, 2, True)
-    up_rows = carray(ffi.pointer(address), (dims[0], dims[1]), dtype=np.float32)
+    layer = ffi.int32_scalar(frame, 0)
+    x = ffi.float32_2d(frame, 1)
+    sizes = ffi.int32_1d(frame, 2)
+    gate, up, down = ffi.float32_4d(frame, 3), ffi.float32_4d(frame, 4), ffi.float32_4d(frame, 5)
+    out, gate_rows, up_rows = ffi.float32_2d(frame, 0, True), ffi.float32_2d(frame, 1, True), ffi.float32_2d(frame, 2, True)
     _swiglu_groups(x, sizes, gate, up, down, layer, gate_rows, up_rows, out)
     return ffi.null()
 

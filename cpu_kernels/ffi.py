@@ -10,8 +10,8 @@ A handler is `cfunc(voidptr(voidptr))`: it receives the call frame and returns a
     XLA_FFI_Buffer     words: 0 struct_size, 1 ext, 2 dtype (int32), 3 data, 4 rank, 5 dims
 
 When XLA registers a handler it first calls it with a metadata extension in `extension_start`,
-asking which FFI API version the handler was built against; `answer_metadata` fills that in with
-the version of the header shipped in jaxlib (`jax.ffi.include_dir()`).
+asking which FFI API version the handler was built against; `call_frame` answers with the version of
+the header shipped in jaxlib (`jax.ffi.include_dir()`) and tells the handler there is nothing to run.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["pointer", "null", "is_execute_call", "answer_metadata", "buffer_data", "register"]
+__all__ = ["call_frame", "null", "int32_scalar", "int32_1d", "float32_2d", "float32_3d", "float32_4d",
+           "register", "HANDLER_SIGNATURE"]
 
 # Start numba's threading layer before any cached parallel function is loaded: a cached
 # `parallel=True` function loaded first fails with "LLVM ERROR: Symbol not found: allocate_sched"
@@ -37,6 +38,9 @@ numba.get_num_threads()
 
 _EXTENSION_METADATA = 1
 _STAGE_EXECUTE = 3
+
+# A handler: `@cfunc(HANDLER_SIGNATURE)`, taking the XLA_FFI_CallFrame* and returning XLA_FFI_Error*.
+HANDLER_SIGNATURE = types.voidptr(types.voidptr)
 
 
 @functools.cache
@@ -50,6 +54,12 @@ def api_version() -> tuple[int, int]:
         raise RuntimeError("jaxlib's xla/ffi/api/c_api.h does not define XLA_FFI_API_MAJOR/MINOR; "
                            "cpu_kernels cannot register its FFI handlers with this jaxlib")
     return int(major.group(1)), int(minor.group(1))
+
+
+# Frozen into the handlers when numba compiles them (numba's on-disk cache is keyed on the source
+# files and the numba and Python versions, not on jaxlib's: clear `cpu_kernels/__pycache__` after
+# changing jaxlib across an FFI API version).
+_API_MAJOR, _API_MINOR = api_version()
 
 
 @intrinsic
@@ -74,7 +84,7 @@ def _words(address, count):
 
 
 @njit(inline="always")
-def answer_metadata(frame, major, minor):
+def _answer_metadata(frame):
     """If XLA is asking for the handler's metadata, answers it and returns True."""
     if frame[1] == 0:
         return False
@@ -84,23 +94,58 @@ def answer_metadata(frame, major, minor):
     metadata = _words(frame[1], 4)[3]  # XLA_FFI_Metadata_Extension.metadata
     # XLA_FFI_Metadata: struct_size, api_version {struct_size, ext, major int32, minor int32}, traits uint32
     version = carray(pointer(metadata + 24), (2,), dtype=np.int32)
-    version[0] = major
-    version[1] = minor
+    version[0] = _API_MAJOR
+    version[1] = _API_MINOR
     carray(pointer(metadata + 32), (1,), dtype=np.uint32)[0] = 0
     return True
 
 
 @njit(inline="always")
-def is_execute_call(frame):
-    return (frame[4] & 0xFFFFFFFF) == _STAGE_EXECUTE
+def call_frame(address):
+    """The call frame's words, or an empty array when this call is not one to execute (XLA's
+    metadata query, answered here, or a stage before execution)."""
+    frame = carray(address, (15,), dtype=np.int64)
+    if _answer_metadata(frame) or (frame[4] & 0xFFFFFFFF) != _STAGE_EXECUTE:
+        return frame[:0]
+    return frame
 
 
 @njit(inline="always")
-def buffer_data(frame, index, is_result):
+def _buffer(frame, index, is_result):
     """Data address and dims (int64 array) of argument (or result) `index`."""
     table = _words(frame[14] if is_result else frame[9], index + 1)
     buffer = _words(table[index], 6)
-    return buffer[3], carray(pointer(buffer[5]), (buffer[4],), dtype=np.int64)
+    return pointer(buffer[3]), carray(pointer(buffer[5]), (buffer[4],), dtype=np.int64)
+
+
+@njit(inline="always")
+def int32_scalar(frame, index):
+    address, _ = _buffer(frame, index, False)
+    return carray(address, (1,), dtype=np.int32)[0]
+
+
+@njit(inline="always")
+def int32_1d(frame, index):
+    address, dims = _buffer(frame, index, False)
+    return carray(address, (dims[0],), dtype=np.int32)
+
+
+@njit(inline="always")
+def float32_2d(frame, index, is_result=False):
+    address, dims = _buffer(frame, index, is_result)
+    return carray(address, (dims[0], dims[1]), dtype=np.float32)
+
+
+@njit(inline="always")
+def float32_3d(frame, index, is_result=False):
+    address, dims = _buffer(frame, index, is_result)
+    return carray(address, (dims[0], dims[1], dims[2]), dtype=np.float32)
+
+
+@njit(inline="always")
+def float32_4d(frame, index, is_result=False):
+    address, dims = _buffer(frame, index, is_result)
+    return carray(address, (dims[0], dims[1], dims[2], dims[3]), dtype=np.float32)
 
 
 def register(name: str, handler_address: int) -> None:

@@ -20,8 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numba
-import numpy as np
-from numba import carray, cfunc, njit, prange, types
+from numba import cfunc, njit, prange
 
 from cpu_kernels import ffi
 
@@ -55,23 +54,14 @@ def _rows_matmul(x, matrix, partial, out):
             out[t, n] = total
 
 
-_API_MAJOR, _API_MINOR = ffi.api_version()
-
-
-@cfunc(types.voidptr(types.voidptr), cache=True)
+@cfunc(ffi.HANDLER_SIGNATURE, cache=True)
 def _handler(frame_address):
-    frame = carray(frame_address, (15,), dtype=np.int64)
-    if ffi.answer_metadata(frame, _API_MAJOR, _API_MINOR) or not ffi.is_execute_call(frame):
+    frame = ffi.call_frame(frame_address)
+    if frame.size == 0:
         return ffi.null()
     # Arguments: x (R, K), w (K, N). Results: out (R, N), scratch (P, R, N).
-    address, dims = ffi.buffer_data(frame, 0, False)
-    x = carray(ffi.pointer(address), (dims[0], dims[1]), dtype=np.float32)
-    address, dims = ffi.buffer_data(frame, 1, False)
-    w = carray(ffi.pointer(address), (dims[0], dims[1]), dtype=np.float32)
-    address, dims = ffi.buffer_data(frame, 0, True)
-    out = carray(ffi.pointer(address), (dims[0], dims[1]), dtype=np.float32)
-    address, dims = ffi.buffer_data(frame, 1, True)
-    partial = carray(ffi.pointer(address), (dims[0], dims[1], dims[2]), dtype=np.float32)
+    x, w = ffi.float32_2d(frame, 0), ffi.float32_2d(frame, 1)
+    out, partial = ffi.float32_2d(frame, 0, True), ffi.float32_3d(frame, 1, True)
     _rows_matmul(x, w, partial, out)
     return ffi.null()
 
