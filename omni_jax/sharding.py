@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 __all__ = [
     "MESH_AXES", "LOGICAL_RULES", "MeshConfig", "make_mesh", "mesh_from_config", "default_mesh", "rules",
     "logical_to_pspec", "param_shardings", "batch_sharding", "shard_batch", "cache_sharding", "constrain",
-    "ambient_mesh", "use_mesh", "mesh_axis_size", "mesh_and_rules",
+    "ambient_mesh", "use_mesh", "mesh_axis_size", "mesh_and_rules", "varying_axes",
 ]
 
 MESH_AXES = ("data", "expert", "tensor")
@@ -279,3 +279,16 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
         raise ValueError(f"constrain: {len(logical_axes)} logical axes {logical_axes} for an array of shape {x.shape}")
     pspec = logical_to_pspec(tuple(logical_axes), LOGICAL_RULES, x.shape, dict(mesh.shape))
     return jax.lax.with_sharding_constraint(x, pspec)
+
+
+def varying_axes(*arrays) -> tuple[str, ...]:
+    """The manual mesh axes (inside `shard_map`) any of `arrays` varies over; () outside one.
+
+    JAX 0.10 exposes them as `typeof(x).manual_axis_type.varying`, earlier releases as `typeof(x).vma`.
+    """
+    axes: set[str] = set()
+    for a in arrays:
+        aval = jax.typeof(a)
+        mat = getattr(aval, "manual_axis_type", None)
+        axes.update(mat.varying if mat is not None else getattr(aval, "vma", ()))
+    return tuple(sorted(axes))

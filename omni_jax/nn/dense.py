@@ -30,14 +30,7 @@ def use_cpu_kernel(rows: int, *arrays: jax.Array) -> bool:
     if any(a.dtype != jnp.float32 for a in arrays):
         return False
     mesh = sharding.ambient_mesh()
-    return (mesh is None or mesh.size == 1) and not any(_varies(a) for a in arrays)
-
-
-def _varies(a: jax.Array) -> bool:
-    """Whether `a` varies over manual mesh axes (inside shard_map); JAX 0.10 and 0.11 spellings."""
-    aval = jax.typeof(a)
-    manual = getattr(aval, "manual_axis_type", None)
-    return bool(manual.varying if manual is not None else getattr(aval, "vma", ()))
+    return (mesh is None or mesh.size == 1) and not sharding.varying_axes(*arrays)
 
 
 def project(x: jax.Array, kernel: jax.Array) -> jax.Array:

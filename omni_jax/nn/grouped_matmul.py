@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from omni_jax.nn.dense import CPU_KERNEL_MAX_ROWS, use_cpu_kernel
+from omni_jax.sharding import varying_axes
 
 __all__ = ["grouped_matmul", "grouped_swiglu", "group_ids_of_rows"]
 
@@ -233,7 +234,7 @@ def _swiglu_visits(out, x, gate_w, up_w, down_w, group_sizes, layer, tiles: tupl
     # Inside shard_map (check_vma=True) a computed tile varies over the mesh axes its inputs vary
     # over; the carry, and so a skipped visit's pass-through branch, must be typed the same.
     # Outside shard_map there are no such axes and the program is unchanged.
-    varying = _varying_axes(x, gate_w, up_w, down_w, group_sizes)
+    varying = varying_axes(x, gate_w, up_w, down_w, group_sizes)
 
     def visit_one(carry, step):
         group, row0, height, live = step[0], step[1], step[2], step[3]
@@ -263,7 +264,6 @@ def _swiglu_visits(out, x, gate_w, up_w, down_w, group_sizes, layer, tiles: tupl
 _VISIT_CHUNK = 8
 
 
-
 def _swiglu_tiled(x, gate_w, up_w, down_w, group_sizes, layer, max_group_size, tiles=None):
     """The CPU path of `grouped_swiglu`: tall tiles where groups are large, short ones for the rest.
 
@@ -291,21 +291,8 @@ def _swiglu_tiled(x, gate_w, up_w, down_w, group_sizes, layer, max_group_size, t
 
 def _vary_over(a: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     """`a` typed as varying over `axes` (inside shard_map; a no-op outside one)."""
-    missing = tuple(ax for ax in axes if ax not in _varying_axes(a))
+    missing = tuple(ax for ax in axes if ax not in varying_axes(a))
     return jax.lax.pcast(a, missing, to="varying") if missing else a
-
-
-def _varying_axes(*arrays) -> tuple[str, ...]:
-    """The manual mesh axes (inside `shard_map`) any of `arrays` varies over; () outside one.
-
-    JAX 0.10 exposes them as `typeof(x).manual_axis_type.varying`, earlier releases as `typeof(x).vma`.
-    """
-    axes: set[str] = set()
-    for a in arrays:
-        aval = jax.typeof(a)
-        mat = getattr(aval, "manual_axis_type", None)
-        axes.update(mat.varying if mat is not None else getattr(aval, "vma", ()))
-    return tuple(sorted(axes))
 
 
 # Below this many rows (decode: tokens x top_k) the accelerator path gathers each row's three expert
@@ -364,7 +351,7 @@ def _swiglu_tile_ladder(rows: int, num_groups: int, max_group_size: int | None) 
 def _use_cpu_kernel(x, gate_w, up_w, down_w, group_sizes) -> bool:
     """Few float32 rows on CPU, outside multi-device meshes: the decode case `cpu_kernels.expert_swiglu`
     is for (it reads each used expert once; XLA:CPU copies and repacks each, see the module docstring)."""
-    return use_cpu_kernel(x.shape[0], x, gate_w, up_w, down_w) and not _varying_axes(group_sizes)
+    return use_cpu_kernel(x.shape[0], x, gate_w, up_w, down_w) and not varying_axes(group_sizes)
 
 
 def grouped_swiglu(
