@@ -48,14 +48,22 @@ def _swiglu_groups(x, sizes, gate, up, down, layer, gate_rows, up_rows, out):
     starts[0] = 0
     for g in range(num_groups):
         starts[g + 1] = min(starts[g] + max(sizes[g], 0), rows)
+    # The cores split the *used* groups evenly: a group costs about one read of its matrices
+    # whatever its row count, and splitting all groups instead left one core with most of the
+    # used ones whenever routing was uneven.
+    used = np.empty(num_groups, np.int64)
+    num_used = 0
+    for g in range(num_groups):
+        if starts[g + 1] > starts[g]:
+            used[num_used] = g
+            num_used += 1
     for r in range(rows):
         for j in range(hidden_out):
             out[r, j] = 0.0
-    for g in prange(num_groups):
+    for i in prange(num_used):
+        g = used[i]
         first = starts[g]
         count = starts[g + 1] - first
-        if count == 0:
-            continue
         w_gate = gate[layer, g]
         w_up = up[layer, g]
         w_down = down[layer, g]
