@@ -7,10 +7,11 @@ vocab 8192. Work: batch 4 x 256 prompt tokens, then 64 new tokens (greedy, no ea
 Prints prefill and decode tokens/s for both and the ratios (targets: prefill >= 1.5x, decode >= 5x).
 Timings exclude compilation (omni_jax) and a warm-up run (both); the best of `--repeats` runs counts.
 
-Measured 2026-11-22 15:45-16:05 (2-core AMD EPYC, `--repeats 3`, under `flock /tmp/omni_bench.lock`,
-load average 1.5-3.0, interleaved with the code before the CPU decode kernels): prefill 1.30x / 1.24x;
-decode 127.9 / 127.9 (reference) vs 419.2 / 390.2 tok/s = 3.28x / 3.05x (before: 1.91x-2.06x); end
-to end 2.62x / 2.54x. Floors (`bench/roofline_cpu.py`, details in bench/RESULTS.md): prefill is
+Measured 2026-11-22 16:06-16:12 (2-core AMD EPYC, `--repeats 3`, under `flock /tmp/omni_bench.lock`,
+load average ~2.0 from other tenants, interleaved with the code before the CPU decode kernels): decode
+110.8 / 115.8 (reference) vs 400.9 / 391.2 tok/s = 3.62x / 3.38x (before, interleaved: 2.20x / 2.11x);
+prefill 1.29x (and 0.97x in a run another job disturbed; 1.22x-1.33x over the afternoon); end to
+end 2.80x / 2.65x. Floors (`bench/roofline_cpu.py`, details in bench/RESULTS.md): prefill is
 33.6 GFLOP, ~187 ms at the best measured fp32 matmul rate (~180 GFLOP/s), so at most ~2.0x; a decode
 step reads ~190 MB, 6.3-6.9 ms at the best measured read bandwidth (29-30 GB/s; median 25) against
 the reference's 31-34 ms, so at most 4.6-5.3x: 5x needs every byte streamed at peak with zero
