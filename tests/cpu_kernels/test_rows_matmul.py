@@ -10,7 +10,7 @@ import cpu_kernels
 from omni_jax.nn.dense import CPU_KERNEL_MAX_ROWS, project
 
 
-@pytest.mark.parametrize("rows,depth,width", [(4, 512, 1000), (1, 7, 3), (64, 33, 129), (3, 1, 5)])
+@pytest.mark.parametrize("rows,depth,width", [(4, 512, 1000), (1, 7, 3), (64, 33, 129), (3, 1, 5), (2, 11, 40)])
 def test_equals_float64_product(rows, depth, width):
     rng = np.random.default_rng(depth)
     x = rng.standard_normal((rows, depth)).astype(np.float32)
