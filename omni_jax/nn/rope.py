@@ -15,9 +15,16 @@ __all__ = ["inverse_frequencies", "mrope_section_index", "mrope_cos_sin", "rope_
 
 
 def inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
-    """(head_dim // 2,) fp32 inverse frequencies `1 / theta^(2i / head_dim)`, as torch computes them."""
+    """(head_dim // 2,) fp32 inverse frequencies `1 / theta^(2i / head_dim)`, as torch computes them.
+
+    Like the reference: fp32 exponents, an fp32 power, then an fp32 reciprocal. The power is taken in
+    float64 and rounded once to fp32 (the correctly rounded fp32 power), not with numpy's fp32 `**`,
+    whose result depends on the CPU: on AVX-512 machines numpy's vectorised fp32 pow is 2 ulp off at
+    some entries (theta 1e6, head_dim 128: entry 52), which moves cos/sin at position 600 by 6e-5.
+    """
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    return (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
+    power = (np.float64(np.float32(theta)) ** exponent.astype(np.float64)).astype(np.float32)
+    return (np.float32(1.0) / power).astype(np.float32)
 
 
 def mrope_section_index(mrope_section: tuple[int, ...]) -> np.ndarray:
