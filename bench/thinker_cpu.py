@@ -9,7 +9,15 @@ Timings exclude compilation (omni_jax) and a warm-up run (both). Each of `--repe
 both sides back to back; printed are each side's best round, their ratio, and the median over rounds
 of the ratio within a round ("paired", the figure least moved by other tenants' load).
 
-Measured 2026-11-22 18:49-18:56 (2-core AMD EPYC, 5 rounds, under `flock /tmp/omni_bench.lock`,
+Measured 2026-12-07 02:07-02:52 on a 2-vCPU AVX-512 EPYC (Zen 4; 5 rounds, each run alone; 7 runs):
+prefill 1.62x-2.15x best round, 1.59x-1.84x paired (target met in every run); decode 4.68x-5.79x
+best, 4.29x-5.50x paired, median 4.75x (reference 77-93 tok/s, ours 381-466): 5x in some runs
+only; end to end 3.58x-4.14x paired. There the step's ~200 MB take 7.2 ms at the measured 27.9 GB/s
+against the reference's 43-52 ms (decode bound 6.0-7.2x); ours takes 8.6-10.5 ms, the experts at
+the read floor and ~1-3 ms of attention and loop around them. The earlier figures below are from the AVX2-only EPYC of
+November, where the reference ran faster and ours slower.
+
+Measured 2026-11-22 18:49-18:56 (2-core AMD EPYC, AVX2, 5 rounds, under `flock /tmp/omni_bench.lock`,
 load average 1.3-1.6 from other tenants; 4 runs): decode 3.97x-4.20x best round, 3.47x-4.14x paired
 (reference 88.8-105.0 tok/s, ours 372.9-429.3); prefill 1.16x-1.42x best, 1.28x-1.47x paired; end to
 end 2.94x-3.22x paired. At 16:06-16:12 (the old script, reference first, reference at 110.8/115.8 tok/s):
