@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import glob
 import os
 import re
 
@@ -56,10 +57,56 @@ def api_version() -> tuple[int, int]:
     return int(major.group(1)), int(minor.group(1))
 
 
-# Frozen into the handlers when numba compiles them (numba's on-disk cache is keyed on the source
-# files and the numba and Python versions, not on jaxlib's: clear `cpu_kernels/__pycache__` after
-# changing jaxlib across an FFI API version).
+# Frozen into the handlers when numba compiles them; `_drop_stale_handlers` below keeps numba's
+# on-disk cache from serving handlers built for another jaxlib's version.
 _API_MAJOR, _API_MINOR = api_version()
+
+# Beside numba's cache files: the FFI API version the cached handlers were compiled with.
+VERSION_STAMP = "omni_jax_ffi_api_version"
+
+
+def _drop_stale_handlers() -> None:
+    """Removes this package's cached handlers if they were compiled for another FFI API version.
+
+    numba's on-disk cache is keyed on the source files and the numba and Python versions, not on
+    jaxlib's, and each handler carries the version it answers XLA with as a constant: after
+    switching to a jaxlib of another FFI version (or sharing one checkout between two), a cached
+    handler would answer with the old one. A stamp in the cache directory records the version; when
+    it differs, the handlers' cache files (`*._handler-*.nbi/.nbc`, small: the kernels they call are
+    cached apart and stay) are removed, and numba compiles the handlers again on this import. A
+    missing stamp is only written: a fresh cache holds nothing stale, and removing files another
+    process may be loading is what the stamp avoids.
+    """
+    try:  # numba's own cache locator (an internal of the pinned numba), for the directory it uses
+        from numba.core.caching import CompileResultCacheImpl  # noqa: PLC0415
+
+        cache_dir = CompileResultCacheImpl(_drop_stale_handlers)._locator.get_cache_path()
+    except Exception:  # noqa: BLE001  (another numba layout: nothing to check against)
+        return
+    version = f"{_API_MAJOR}.{_API_MINOR}"
+    stamp = os.path.join(cache_dir, VERSION_STAMP)
+    try:
+        with open(stamp) as f:
+            recorded = f.read().strip()
+    except OSError:
+        recorded = None
+    if recorded == version:
+        return
+    if recorded is not None:
+        for path in glob.glob(os.path.join(cache_dir, "*._handler-*.nb[ic]")):
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(version)
+    except OSError:  # a read-only cache directory: numba will not cache there either
+        pass
+
+
+_drop_stale_handlers()
 
 
 @intrinsic
