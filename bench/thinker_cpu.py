@@ -9,10 +9,10 @@ Timings exclude compilation (omni_jax) and a warm-up run (both). Each of `--repe
 both sides back to back; printed are each side's best round, their ratio, and the median over rounds
 of the ratio within a round ("paired", the figure least moved by other tenants' load).
 
-Measured 2026-12-07 02:07-02:52 on a 2-vCPU AVX-512 EPYC (Zen 4; 5 rounds, each run alone; 7 runs):
-prefill 1.62x-2.15x best round, 1.59x-1.84x paired (target met in every run); decode 4.68x-5.79x
-best, 4.29x-5.50x paired, median 4.75x (reference 77-93 tok/s, ours 381-466): 5x in some runs
-only; end to end 3.58x-4.14x paired. There the step's ~200 MB take 7.2 ms at the measured 27.9 GB/s
+Measured 2026-12-07 02:07-03:51 on a 2-vCPU AVX-512 EPYC (Zen 4; 5 rounds, each run alone; 9 runs):
+prefill 1.62x-2.15x best round, 1.59x-1.85x paired (target met in every run); decode 4.68x-5.79x
+best (median 5.42x), 4.24x-5.50x paired (median 4.75x; reference 77-93 tok/s, ours 381-468): 5x
+in some runs only; end to end 3.58x-4.14x paired. There the step's ~200 MB take 7.2 ms at the measured 27.9 GB/s
 against the reference's 43-52 ms (decode bound 6.0-7.2x); ours takes 8.6-10.5 ms, the experts at
 the read floor and ~1-3 ms of attention and loop around them. The earlier figures below are from the AVX2-only EPYC of
 November, where the reference ran faster and ours slower.
