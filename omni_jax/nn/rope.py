@@ -24,7 +24,7 @@ def inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
     """
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     power = (np.float64(np.float32(theta)) ** exponent.astype(np.float64)).astype(np.float32)
-    return (np.float32(1.0) / power).astype(np.float32)
+    return np.float32(1.0) / power
 
 
 def mrope_section_index(mrope_section: tuple[int, ...]) -> np.ndarray:
