@@ -6,15 +6,20 @@
     #   group_sizes (groups,) int32 -> (rows, d_out); float32 only
     y = cpu_kernels.rows_matmul(x, w)
     #   x (rows, k) @ w (k, n) -> (rows, n); float32 only (the decode-time language-model head)
+    x, k_new, v_new = cpu_kernels.decode_attention(x, cos, sin, key_valid, cache_index, layer, weights,
+                                                   k_cache, v_cache, eps)
+    #   x (B, D) -> x + Attn(RMSNorm(x)) for one new token per row, weights and KV cache (L, B, S, Hkv, hd)
+    #   read in place at `layer`; float32 only, forward only (the decode-time attention block)
 
 The kernels are written with numba (a librosa dependency already) and registered with XLA through
 the typed FFI (`jax.ffi`), so they run inside jitted programs like any other op. They exist for
 decode-sized work, where XLA:CPU's cost is not arithmetic but memory traffic it adds around small
 products (see `expert_swiglu`). Each has a pure-JAX equivalent in `omni_jax.nn` that is its test
-oracle and its backward pass.
+oracle (and, for the two products, its backward pass; decoding is not differentiated).
 """
 
+from cpu_kernels.decode_attention import decode_attention
 from cpu_kernels.expert_swiglu import expert_swiglu, expert_swiglu_supported
 from cpu_kernels.rows_matmul import rows_matmul
 
-__all__ = ["expert_swiglu", "expert_swiglu_supported", "rows_matmul"]
+__all__ = ["decode_attention", "expert_swiglu", "expert_swiglu_supported", "rows_matmul"]

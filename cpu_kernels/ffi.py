@@ -28,9 +28,10 @@ import numpy as np
 from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from llvmlite import ir
 
-__all__ = ["call_frame", "null", "int32_scalar", "int32_1d", "float32_2d", "float32_3d", "float32_4d",
-           "register", "HANDLER_SIGNATURE"]
+__all__ = ["call_frame", "null", "int32_scalar", "int32_1d", "int32_2d", "float32_1d", "float32_2d", "float32_3d",
+           "float32_4d", "float32_5d", "prefetch", "register", "HANDLER_SIGNATURE"]
 
 # Start numba's threading layer before any cached parallel function is loaded: a cached
 # `parallel=True` function loaded first fails with "LLVM ERROR: Symbol not found: allocate_sched"
@@ -118,6 +119,20 @@ def pointer(typingctx, address):
 
 
 @intrinsic
+def prefetch(typingctx, address):
+    """Software prefetch of the cache line at an int64 address into all cache levels (llvm.prefetch:
+    read, locality 3). A hint: it never faults, whatever the address."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        byte_pointer = ir.IntType(8).as_pointer()
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch.p0")
+        builder.call(function, [builder.inttoptr(args[0], byte_pointer), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return types.void(types.int64), codegen
+
+
+@intrinsic
 def null(typingctx):
     """NULL `voidptr`: a handler's "no error" return value."""
     def codegen(context, builder, signature, args):
@@ -178,6 +193,18 @@ def int32_1d(frame, index):
 
 
 @njit(inline="always")
+def int32_2d(frame, index, is_result=False):
+    address, dims = _buffer(frame, index, is_result)
+    return carray(address, (dims[0], dims[1]), dtype=np.int32)
+
+
+@njit(inline="always")
+def float32_1d(frame, index, is_result=False):
+    address, dims = _buffer(frame, index, is_result)
+    return carray(address, (dims[0],), dtype=np.float32)
+
+
+@njit(inline="always")
 def float32_2d(frame, index, is_result=False):
     address, dims = _buffer(frame, index, is_result)
     return carray(address, (dims[0], dims[1]), dtype=np.float32)
@@ -193,6 +220,12 @@ def float32_3d(frame, index, is_result=False):
 def float32_4d(frame, index, is_result=False):
     address, dims = _buffer(frame, index, is_result)
     return carray(address, (dims[0], dims[1], dims[2], dims[3]), dtype=np.float32)
+
+
+@njit(inline="always")
+def float32_5d(frame, index, is_result=False):
+    address, dims = _buffer(frame, index, is_result)
+    return carray(address, (dims[0], dims[1], dims[2], dims[3], dims[4]), dtype=np.float32)
 
 
 def register(name: str, handler_address: int) -> None:

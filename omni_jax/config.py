@@ -465,7 +465,9 @@ class Runtime:
     dtype: activation/compute dtype ("float32" for parity, "bfloat16" default).
     param_dtype: dtype parameters are stored in.
     scan_layers: `lax.scan` over stacked decoder layers (fast compiles) or a Python loop (unrolled).
-    attention_impl: "auto" (Pallas kernel on GPU/TPU, XLA elsewhere), "xla" or "pallas".
+    attention_impl: "auto" (Pallas kernel on GPU/TPU, XLA elsewhere; on CPU, a decode step of one
+      float32 token per row runs each layer's attention block as `cpu_kernels.decode_attention`),
+      "xla" (always XLA's ops) or "pallas".
     moe_impl: "grouped" (sort tokens by expert + grouped matmul) or "dense" (every expert on every
       token; the test oracle).
     grouped_matmul_impl: "auto" (Pallas on GPU/TPU, the pure-JAX tiled loop on CPU, and on CPU for

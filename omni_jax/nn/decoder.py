@@ -10,6 +10,9 @@ Two entry points:
   * `prefill`: a whole sequence, causal within each row's real tokens (`attention_mask`), writing
     K/V into cache slots [0, S) when a cache is given.
   * `decode`: new tokens at cache slot `cache_index`, attending over the cache slots `key_valid`.
+    On CPU, for one float32 token per row (`Runtime.attention_impl="auto"`, no multi-device mesh),
+    each layer's attention block is one `cpu_kernels.decode_attention` call that reads the
+    attention weights and the cache in place; the returned k, v are written into the cache here.
 
 Under a multi-device ambient mesh (`jax.set_mesh`) the residual stream is constrained to be split
 over the batch axes at every layer boundary, attention over heads (`tensor`), and the KV cache
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 from omni_jax.config import Runtime
 from omni_jax.nn import attention as attn_lib
 from omni_jax.sharding import constrain
+from omni_jax.nn.dense import use_cpu_kernel
 from omni_jax.nn.moe import moe_forward, moe_specs, shared_expert_specs
 from omni_jax.nn.norms import rms_norm
 from omni_jax.nn.params import ParamSpec, stack_layers
@@ -200,6 +204,36 @@ def _layer(lp, x, cos, sin, d: DecoderDims, rt: Runtime, attend, layer):
     return constrain(x + m, RESIDUAL_AXES), router_logits
 
 
+def _attention_kernel_applies(layers: dict, x, cache: KVCache, rt: Runtime) -> bool:
+    """Whether decode runs each layer's attention block as `cpu_kernels.decode_attention`: on CPU
+    (`attention_impl="auto"`), one new float32 token per row, float32 cache and weights, no
+    multi-device mesh (see `nn/dense.use_cpu_kernel`)."""
+    if rt.attention_impl != "auto":
+        return False
+    weights = [layers["input_layernorm"]["weight"], *(w for p in layers["self_attn"].values() for w in p.values())]
+    return use_cpu_kernel(x.shape[0], x, cache.k, cache.v, *weights)
+
+
+def _attention_in_kernel(lp, x_b1d, cos, sin, mask_b1k, cache_k, cache_v, cache_index, layer, d: DecoderDims):
+    """x + Attn(RMSNorm(x)) for one new token per row by the CPU kernel, and the caches with the
+    new k, v written at `cache_index` (in place). lp's attention weights are the whole stacks."""
+    import cpu_kernels  # noqa: PLC0415  (numba compiles, or loads its cache, on first import)
+
+    p = lp["self_attn"]
+    weights = {
+        "input_norm": lp["input_layernorm"]["weight"], "q_proj": p["q_proj"]["kernel"],
+        "k_proj": p["k_proj"]["kernel"], "v_proj": p["v_proj"]["kernel"], "q_norm": p["q_norm"]["weight"],
+        "k_norm": p["k_norm"]["weight"], "o_proj": p["o_proj"]["kernel"],
+    }
+    y, k_new, v_new = cpu_kernels.decode_attention(
+        x_b1d[:, 0], cos[:, 0], sin[:, 0], mask_b1k[:, 0], cache_index, layer, weights, cache_k, cache_v,
+        d.rms_norm_eps)
+    at = (layer, 0, cache_index, 0, 0)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k_new[None, :, None], at)
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v_new[None, :, None], at)
+    return y[:, None], cache_k, cache_v
+
+
 def _remat(fn, rt: Runtime):
     if rt.remat == "full":
         return jax.checkpoint(fn)
@@ -208,35 +242,45 @@ def _remat(fn, rt: Runtime):
     return fn
 
 
-def _split_experts(layers: dict) -> tuple[dict, dict | None]:
-    """(per-layer params without the expert stacks, the expert stacks) of stacked decoder layers."""
+def _split_in_place(layers: dict, attention: bool) -> tuple[dict, dict]:
+    """(per-layer params to scan, the stacks the body reads in place with the layer index).
+
+    The expert stacks always stay whole; with `attention`, so do the attention block's weights
+    (`input_layernorm`, `self_attn`), for the CPU decode kernel."""
+    in_place = {}
     mlp = layers.get("mlp", {})
-    if "experts" not in mlp:
-        return layers, None
-    rest = dict(layers, mlp={k: v for k, v in mlp.items() if k != "experts"})
-    return rest, mlp["experts"]
+    if "experts" in mlp:
+        in_place["mlp"] = {"experts": mlp["experts"]}
+        layers = dict(layers, mlp={k: v for k, v in mlp.items() if k != "experts"})
+    if attention:
+        in_place.update({k: layers[k] for k in ("input_layernorm", "self_attn")})
+        layers = {k: v for k, v in layers.items() if k not in in_place or k == "mlp"}
+    return layers, in_place
 
 
-def _stack(layers, x, body, d: DecoderDims, rt: Runtime, carry_extra):
+def _stack(layers, x, body, d: DecoderDims, rt: Runtime, carry_extra, attention_in_place: bool = False):
     """Runs `body(i, lp, x, extra) -> (x, extra, per_layer_out)` over layers (scanned or unrolled).
 
     Expert stacks are not sliced per layer: they reach the body whole (`lp["mlp"]["experts"]` is
     (L, E, in, out)) and the MoE indexes [layer, expert] where it reads a matrix, because slicing
     a layer's (E, in, out) stack out of the scanned inputs copies all of it every layer on CPU.
+    With `attention_in_place` the attention block's weights reach it whole too (the CPU decode
+    kernel reads them in place).
     """
     body = _remat(body, rt)
-    per_layer, experts = _split_experts(layers)
+    per_layer, in_place = _split_in_place(layers, attention_in_place)
 
-    def with_experts(lp):
-        if experts is None:
-            return lp
-        return dict(lp, mlp=dict(lp["mlp"], experts=experts))
+    def merged(lp):
+        lp = dict(lp, **{k: v for k, v in in_place.items() if k != "mlp"})
+        if "mlp" in in_place:
+            lp["mlp"] = dict(lp["mlp"], **in_place["mlp"])
+        return lp
 
     if rt.scan_layers:
         def scan_body(carry, inputs):
             x, extra = carry
             i, lp = inputs
-            x, extra, out = body(i, with_experts(lp), x, extra)
+            x, extra, out = body(i, merged(lp), x, extra)
             return (x, extra), out
 
         (x, extra), outs = jax.lax.scan(scan_body, (x, carry_extra), (jnp.arange(d.num_layers), per_layer))
@@ -245,7 +289,7 @@ def _stack(layers, x, body, d: DecoderDims, rt: Runtime, carry_extra):
     extra = carry_extra
     for i in range(d.num_layers):
         lp = jax.tree.map(lambda a, i=i: a[i], per_layer)
-        x, extra, out = body(jnp.int32(i), with_experts(lp), x, extra)
+        x, extra, out = body(jnp.int32(i), merged(lp), x, extra)
         outs.append(out)
     return x, extra, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
@@ -341,23 +385,35 @@ def decode(
     query_slot = cache_index + jnp.arange(new)
     mask = key_valid_bk[:, None, :] & (slot[None, None, :] <= query_slot[None, :, None])
 
+    in_kernel = new == 1 and _attention_kernel_applies(params["layers"], x, cache, rt)
+    if in_kernel:  # the kernel takes the one query's row of the mask, per batch row
+        key_valid_b1k = jnp.broadcast_to(mask, (x.shape[0], 1, max_len))
+
     def body(i, lp, x, extra):
         cache_k, cache_v, captured = extra
-        holder = {}
+        if in_kernel:
+            y, ck, cv = _attention_in_kernel(lp, x, cos, sin, key_valid_b1k, cache_k, cache_v, cache_index, i, d)
+            h = rms_norm(y, lp["post_attention_layernorm"]["weight"], d.rms_norm_eps)
+            m, _ = _mlp(lp, h, d, rt, i)
+            y = constrain(y + m, RESIDUAL_AXES)
+        else:
+            holder = {}
 
-        def attend(q, k, v):
-            ck = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], (i, 0, cache_index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], (i, 0, cache_index, 0, 0))
-            ck, cv = constrain(ck, CACHE_AXES), constrain(cv, CACHE_AXES)
-            holder["k"], holder["v"] = ck, cv
-            return attn_lib.cached_attention(q, ck[i], cv[i], mask)
+            def attend(q, k, v):
+                ck = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], (i, 0, cache_index, 0, 0))
+                cv = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], (i, 0, cache_index, 0, 0))
+                ck, cv = constrain(ck, CACHE_AXES), constrain(cv, CACHE_AXES)
+                holder["k"], holder["v"] = ck, cv
+                return attn_lib.cached_attention(q, ck[i], cv[i], mask)
 
-        y, _ = _layer(lp, x, cos, sin, d, rt, attend, i)
+            y, _ = _layer(lp, x, cos, sin, d, rt, attend, i)
+            ck, cv = holder["k"], holder["v"]
         if capture_layer is not None:
             captured = jnp.where(i + 1 == capture_layer, y, captured)
-        return y, (holder["k"], holder["v"], captured), None
+        return y, (ck, cv, captured), None
 
     captured0 = x if capture_layer == 0 else (jnp.zeros_like(x) if capture_layer is not None else None)
-    x, (ck, cv, captured), _ = _stack(params["layers"], x, body, d, rt, (cache.k, cache.v, captured0))
+    x, (ck, cv, captured), _ = _stack(
+        params["layers"], x, body, d, rt, (cache.k, cache.v, captured0), attention_in_place=in_kernel)
     hidden = rms_norm(x, params["norm"]["weight"], d.rms_norm_eps)
     return DecoderOutput(hidden, None, KVCache(ck, cv), captured, None)

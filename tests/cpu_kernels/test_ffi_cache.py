@@ -13,7 +13,7 @@ import pytest
 
 from cpu_kernels import ffi
 
-# Runs both kernels (so both handlers are compiled or loaded) and checks their results.
+# Runs the three kernels (so their handlers are compiled or loaded) and checks their results.
 _RUN_KERNELS = """
 import jax.numpy as jnp, numpy as np
 import cpu_kernels
@@ -23,6 +23,14 @@ w = jnp.ones((2, 3, 4), jnp.float32)
 z = cpu_kernels.expert_swiglu(jnp.ones((2, 3), jnp.float32), w, w, jnp.ones((2, 4, 3), jnp.float32),
                               jnp.array([1, 1], jnp.int32))
 assert z.shape == (2, 3) and np.isfinite(np.asarray(z)).all()
+names = ("input_norm", "q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "o_proj")
+shapes = ((1, 4), (1, 4, 4), (1, 4, 2), (1, 4, 2), (1, 2), (1, 2), (1, 4, 4))
+weights = {n: jnp.ones(s, jnp.float32) for n, s in zip(names, shapes)}
+cache = jnp.zeros((1, 1, 3, 1, 2), jnp.float32)
+out, k, v = cpu_kernels.decode_attention(jnp.ones((1, 4), jnp.float32), jnp.ones((1, 2), jnp.float32),
+                                         jnp.zeros((1, 2), jnp.float32), jnp.ones((1, 3), bool), 2, 0, weights,
+                                         cache, cache, 1e-6)
+assert np.isfinite(np.asarray(out)).all() and k.shape == v.shape == (1, 1, 2)
 """
 
 
@@ -55,7 +63,7 @@ def test_a_fresh_cache_records_the_ffi_version(warm_cache):
     with open(_stamp(warm_cache)) as f:
         assert f.read() == "%d.%d" % ffi.api_version()
     names = {os.path.basename(p).split("-")[0] for p in _handler_files(warm_cache)}
-    assert names == {"expert_swiglu._handler", "rows_matmul._handler"}
+    assert names == {"decode_attention._handler", "expert_swiglu._handler", "rows_matmul._handler"}
 
 
 def test_handlers_cached_for_another_version_are_compiled_again(warm_cache):

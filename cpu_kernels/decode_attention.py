@@ -1,0 +1,371 @@
+"""A decoder layer's whole attention block for one new token per row, in one call.
+
+    h = RMSNorm(x) * input_norm[l]
+    q, k, v = h @ Wq[l], h @ Wk[l], h @ Wv[l]           per head: RMSNorm (q_norm[l], k_norm[l]), rotary
+    a = softmax(q k^T * head_dim^-0.5 over the valid slots) v      over the cache of layer l, the new
+                                                                    k/v standing in at slot `cache_index`
+    out = x + a @ Wo[l]                                  returns out and the new k, v (for the cache)
+
+The decode-time attention block on CPU. In XLA:CPU a decode step's attention is a dozen small ops
+per layer, and most of their time is memory traffic around them, not arithmetic: the layer's four
+projection matrices copied out of the scanned stacks (dynamic-slice), repacked by YNNPACK for the
+products, the layer's KV cache copied out of the stack and transposed to heads-major for the two
+attention products. Here the stacks and the cache are read in place, once, with the layer index,
+and the block's ~20 XLA ops become one call. The caller writes the returned k, v into the cache
+(an in-place dynamic-update-slice).
+
+What made it fast (benchmark model, 4 rows, 301 slots; `bench/RESULTS.md`, 2026-12-07 session 9):
+  * No libm call per element: numba's `np.exp` is a scalar `expf` call, and in the decode graph the
+    first version took 375 us a layer (67 us of it outside the exponentials); `_exp_nonpositive`
+    is a vectorisable polynomial (within 1 ulp).
+  * The cores split the products' contraction and the rows' attention (three parallel regions).
+  * The cache is read in its own order, with software prefetch ahead of the reads: between two
+    layers the experts stream ~20 MB, so the layer's cache is cold every time; read a KV head at
+    a time it ran at ~3 GB/s. (Prefetching the weights' rows as well was slower.)
+  In the decode graph it takes ~240 us a layer against ~300 us for XLA's ops; the whole decode
+  step gains 2-5% (paired A/B in one process; ~90 us a layer hot, ~130 us with everything cold).
+
+Numerics: float32. Projections add their terms four at a time in order of the contraction; the
+norms', scores' and softmax's sums are vectorised (reassociated) reductions; the value sum is
+normalised after it. So results differ from XLA's only in summation order (tested to ~1e-6 of
+the output's scale against `omni_jax.nn`'s ops).
+
+Forward only: decoding is not differentiated, and JAX refuses to differentiate through it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numba
+from numba import cfunc, njit, prange
+
+from cpu_kernels import ffi
+
+__all__ = ["decode_attention"]
+
+_TARGET = "omni_jax_cpu_decode_attention"
+
+# Reassociation lets LLVM vectorise the sums over head_dim / hidden; `contract` allows FMAs.
+# No finite-math flags: the softmax's masked slots are skipped, not -inf, but keep IEEE semantics.
+_FAST = {"reassoc", "contract"}
+
+# Slots the attention prefetches ahead of the one it reads. (Prefetching the weights' rows ahead
+# of the products as well was slower: 141-261 against 122-135 us a layer, cold.)
+_AHEAD = 16
+
+
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _rows_block(x, w, first, last, out):
+    """out (R, N) = x[:, first:last] @ w[first:last] (K-block of rows of w (K, N)), each row of w
+    streamed once, four per pass over out (rows of w in order: the prefetchers follow them)."""
+    rows = x.shape[0]
+    width = w.shape[1]
+    for t in range(rows):
+        acc = out[t]
+        for n in range(width):
+            acc[n] = 0.0
+    k = first
+    while k + 4 <= last:
+        w0, w1, w2, w3 = w[k], w[k + 1], w[k + 2], w[k + 3]
+        for t in range(rows):
+            acc = out[t]
+            x0, x1, x2, x3 = x[t, k], x[t, k + 1], x[t, k + 2], x[t, k + 3]
+            for n in range(width):
+                acc[n] += x0 * w0[n] + x1 * w1[n] + x2 * w2[n] + x3 * w3[n]
+        k += 4
+    while k < last:
+        w0 = w[k]
+        for t in range(rows):
+            acc = out[t]
+            x0 = x[t, k]
+            for n in range(width):
+                acc[n] += x0 * w0[n]
+        k += 1
+
+
+@njit(cache=True, inline="always")
+def _sum_parts(parts, out):
+    """out (R, N) = sum over p of parts (P, R, N), in order of p."""
+    for t in range(out.shape[0]):
+        acc = out[t]
+        first = parts[0, t]
+        for n in range(out.shape[1]):
+            acc[n] = first[n]
+        for p in range(1, parts.shape[0]):
+            other = parts[p, t]
+            for n in range(out.shape[1]):
+                acc[n] += other[n]
+
+
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _norm_rotate(row, weight, cos, sin, eps, rotated):
+    """In place on row (head_dim,): RMSNorm by weight, then the rotary embedding (rotate-half form)."""
+    dim = row.shape[0]
+    half = dim // 2
+    total = np.float32(0.0)
+    for i in range(dim):
+        total += row[i] * row[i]
+    inv = np.float32(1.0) / np.sqrt(total / np.float32(dim) + eps)
+    for i in range(dim):
+        row[i] = weight[i] * (row[i] * inv)
+    for i in range(half):
+        rotated[i] = -row[i + half]
+        rotated[i + half] = row[i]
+    for i in range(dim):
+        row[i] = row[i] * cos[i] + rotated[i] * sin[i]
+
+
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _exp_nonpositive(row, count, bits):
+    """row[:count] = exp(row[:count]) for row <= 0, as a loop LLVM vectorises (numba's np.exp is a
+    scalar libm call per element). Cephes' expf: within 1 ulp of the float64 exp for x > -87;
+    below (and -inf) it gives ~1.6e-38 (the caller zeroes masked slots). bits: int32 scratch."""
+    scale = bits.view(np.float32)
+    for s in range(count):
+        x = max(row[s], np.float32(-87.0))
+        k = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))  # x = k ln2 + r, |r| <= ln2/2
+        r = x - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        p = p * r * r + r + np.float32(1.0)
+        bits[s] = (np.int32(k) + np.int32(127)) << 23  # 2^k
+        row[s] = p * scale[s]
+
+
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _attend(q_heads, keys, values, k_heads, v_heads, valid, slot, scale, scores, exp_bits, a_heads):
+    """One row's attention: a_heads (Hq, hd) from q_heads (Hq, hd) over its cache slots keys, values
+    (S, Hkv, hd), with k_heads, v_heads (Hkv, hd) standing in at `slot`. scores (Hq, S) scratch.
+
+    The cache is read in its own order (slot by slot, every KV head of a slot together), one
+    sequential stream each for keys and values: the KV cache is cold at every layer (the experts'
+    reads evict it), and reading it a KV head at a time, 128-byte pieces at a stride, ran ~4x
+    slower there."""
+    slots, kv_heads, head_dim = keys.shape
+    heads = q_heads.shape[0]
+    groups = heads // kv_heads
+    end = 0  # past the last valid slot: the loops stop there (decode never sees later slots)
+    for s in range(slots):
+        if valid[s] != 0:
+            end = s + 1
+    # The cache is cold (see above): prefetch keys and values _AHEAD slots ahead of the scores loop,
+    # so the values are in cache when their loop comes.
+    row_bytes = kv_heads * head_dim * 4
+    keys_at, values_at = keys.ctypes.data, values.ctypes.data
+    for line in range(0, min(_AHEAD, end) * row_bytes, 64):
+        ffi.prefetch(keys_at + line)
+        ffi.prefetch(values_at + line)
+    for s in range(end):
+        if s + _AHEAD < end:
+            ahead = (s + _AHEAD) * row_bytes
+            for line in range(0, row_bytes, 64):
+                ffi.prefetch(keys_at + ahead + line)
+                ffi.prefetch(values_at + ahead + line)
+        for kv in range(kv_heads):
+            key = k_heads[kv] if s == slot else keys[s, kv]
+            for head in range(kv * groups, (kv + 1) * groups):
+                qh = q_heads[head]
+                dot = np.float32(0.0)
+                for i in range(head_dim):
+                    dot += qh[i] * key[i]
+                scores[head, s] = dot * scale
+    # Masked softmax per query head, in place: the masked slots' weights are exact zeros.
+    for head in range(heads):
+        row = scores[head]
+        top = np.float32(-np.inf)
+        for s in range(end):
+            if valid[s] != 0 and row[s] > top:
+                top = row[s]
+        for s in range(end):
+            row[s] = row[s] - top
+        _exp_nonpositive(row, end, exp_bits)
+        total = np.float32(0.0)
+        for s in range(end):
+            weight = row[s] if valid[s] != 0 else np.float32(0.0)
+            row[s] = weight
+            total += weight
+        inv = np.float32(1.0) / total if total > 0 else np.float32(0.0)  # no valid slot: zeros, as XLA
+        for s in range(end):
+            row[s] *= inv
+        out_head = a_heads[head]
+        for i in range(head_dim):
+            out_head[i] = 0.0
+    for s in range(end):
+        if valid[s] == 0:
+            continue
+        for kv in range(kv_heads):
+            value = v_heads[kv] if s == slot else values[s, kv]
+            for head in range(kv * groups, (kv + 1) * groups):
+                weight = scores[head, s]
+                out_head = a_heads[head]
+                for i in range(head_dim):
+                    out_head[i] += weight * value[i]
+
+
+@njit(cache=True, fastmath=_FAST, parallel=True)
+def _decode_attention(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_norm, k_norm, wo,
+                      k_cache, v_cache, out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts,
+                      scores, exp_bits, rotated):
+    """In place: out (B, D); k_new, v_new (B, Hkv*hd). Scratch: h (B, D), q, attn (B, Hq*hd), the
+    cores' partial sums q_parts (P, B, Hq*hd), k_parts, v_parts (P, B, Hkv*hd), out_parts (P, B, D),
+    per row scores (B, Hq, S) and exp_bits (B, S) int32, rotated (hd,).
+    Runs on raw buffers: indices are clamped here."""
+    batch, hidden = x.shape
+    num_layers, _, slots, kv_heads, head_dim = k_cache.shape
+    heads = wq.shape[2] // head_dim
+    groups = heads // kv_heads
+    parts = q_parts.shape[0]
+    q_width = heads * head_dim
+    layer = min(max(layer, 0), num_layers - 1)
+    slot = min(max(slot, 0), slots - 1)
+    scale = np.float32(head_dim ** -0.5)
+
+    norm_w = input_norm[layer]
+    for b in range(batch):
+        xb, hb = x[b], h[b]
+        total = np.float32(0.0)
+        for i in range(hidden):
+            total += xb[i] * xb[i]
+        inv = np.float32(1.0) / np.sqrt(total / np.float32(hidden) + eps)
+        for i in range(hidden):
+            hb[i] = norm_w[i] * (xb[i] * inv)
+
+    # The cores split the contraction (each streams a contiguous block of every matrix's rows);
+    # a few rows' products are memory-bound, so both cores' bandwidth is what makes them fast.
+    wq_l, wk_l, wv_l = wq[layer], wk[layer], wv[layer]
+    for p in prange(parts):
+        first, last = hidden * p // parts, hidden * (p + 1) // parts
+        _rows_block(h, wq_l, first, last, q_parts[p])
+        _rows_block(h, wk_l, first, last, k_parts[p])
+        _rows_block(h, wv_l, first, last, v_parts[p])
+    _sum_parts(q_parts, q)
+    _sum_parts(k_parts, k_new)
+    _sum_parts(v_parts, v_new)
+    qn, kn = q_norm[layer], k_norm[layer]
+    for b in range(batch):
+        for head in range(heads):
+            _norm_rotate(q[b, head * head_dim:(head + 1) * head_dim], qn, cos[b], sin[b], eps, rotated)
+        for head in range(kv_heads):
+            _norm_rotate(k_new[b, head * head_dim:(head + 1) * head_dim], kn, cos[b], sin[b], eps, rotated)
+
+    keys_l, values_l = k_cache[layer], v_cache[layer]
+    for b in prange(batch):
+        _attend(q[b].reshape((heads, head_dim)), keys_l[b], values_l[b], k_new[b].reshape((kv_heads, head_dim)),
+                v_new[b].reshape((kv_heads, head_dim)), key_valid[b], slot, scale, scores[b], exp_bits[b],
+                attn[b].reshape((heads, head_dim)))
+
+    wo_l = wo[layer]
+    for p in prange(parts):
+        _rows_block(attn, wo_l, q_width * p // parts, q_width * (p + 1) // parts, out_parts[p])
+    _sum_parts(out_parts, out)
+    for b in range(batch):
+        ob, xb = out[b], x[b]
+        for i in range(hidden):
+            ob[i] = xb[i] + ob[i]
+
+
+@cfunc(ffi.HANDLER_SIGNATURE, cache=True)
+def _handler(frame_address):
+    frame = ffi.call_frame(frame_address)
+    if frame.size == 0:
+        return ffi.null()
+    # Arguments: 0 indices (2,) int32 [cache slot, layer], 1 x (B, D), 2 cos (B, hd), 3 sin (B, hd),
+    # 4 key_valid (B, S) int32, 5 input_norm (L, D), 6-8 wq/wk/wv (L, D, N), 9-10 q/k norm (L, hd),
+    # 11 wo (L, Hq*hd, D), 12-13 k/v cache (L, B, S, Hkv, hd), 14 eps (1,).
+    # Results: 0 out (B, D), 1-2 k_new/v_new (B, Hkv*hd); scratch: 3 h (B, D), 4 q, 5 attn (B, Hq*hd),
+    # 6 q parts (P, B, Hq*hd), 7-8 k/v parts (P, B, Hkv*hd), 9 out parts (P, B, D), 10 scores
+    # (B, Hq, S), 11 exp bits (B, S) int32, 12 rotated (1, hd).
+    indices = ffi.int32_1d(frame, 0)
+    eps = ffi.float32_1d(frame, 14)[0]
+    x, cos, sin = ffi.float32_2d(frame, 1), ffi.float32_2d(frame, 2), ffi.float32_2d(frame, 3)
+    key_valid = ffi.int32_2d(frame, 4)
+    input_norm = ffi.float32_2d(frame, 5)
+    wq, wk, wv = ffi.float32_3d(frame, 6), ffi.float32_3d(frame, 7), ffi.float32_3d(frame, 8)
+    q_norm, k_norm = ffi.float32_2d(frame, 9), ffi.float32_2d(frame, 10)
+    wo = ffi.float32_3d(frame, 11)
+    k_cache, v_cache = ffi.float32_5d(frame, 12), ffi.float32_5d(frame, 13)
+    out, k_new, v_new = ffi.float32_2d(frame, 0, True), ffi.float32_2d(frame, 1, True), ffi.float32_2d(frame, 2, True)
+    h, q, attn = ffi.float32_2d(frame, 3, True), ffi.float32_2d(frame, 4, True), ffi.float32_2d(frame, 5, True)
+    q_parts, k_parts, v_parts = ffi.float32_3d(frame, 6, True), ffi.float32_3d(frame, 7, True), ffi.float32_3d(frame, 8, True)
+    out_parts, scores = ffi.float32_3d(frame, 9, True), ffi.float32_3d(frame, 10, True)
+    exp_bits, rotated = ffi.int32_2d(frame, 11, True), ffi.float32_2d(frame, 12, True)[0]
+    _decode_attention(x, cos, sin, key_valid, indices[0], indices[1], eps, input_norm, wq, wk, wv, q_norm, k_norm,
+                      wo, k_cache, v_cache, out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts,
+                      scores, exp_bits, rotated)
+    return ffi.null()
+
+
+@functools.cache
+def _registered() -> str:
+    ffi.register(_TARGET, _handler.address)
+    return _TARGET
+
+
+def decode_attention(x, cos, sin, key_valid, cache_index, layer, weights, k_cache, v_cache, eps):
+    """One decoder layer's attention block for one new token per row, over a stacked KV cache.
+
+    x (B, D) float32, the layer's input (the residual stream); cos, sin (B, head_dim) the new
+    token's rotary tables; key_valid (B, S) bool or int, the cache slots each row attends to,
+    the new token's slot `cache_index` (int scalar) included; layer: int scalar, which layer of
+    the stacks. weights: dict with float32 stacks `input_norm` (L, D), `q_proj` (L, D, Hq*hd),
+    `k_proj`, `v_proj` (L, D, Hkv*hd), `q_norm`, `k_norm` (L, hd), `o_proj` (L, Hq*hd, D).
+    k_cache, v_cache (L, B, S, Hkv, hd) float32, read in place (slot `cache_index` is not read: the
+    new k, v stand in for it). eps: the RMSNorms' epsilon (a Python float).
+
+    Returns (x + attention (B, D), k_new (B, Hkv, hd), v_new (B, Hkv, hd)), k_new after its norm
+    and rotary, as the cache stores them.
+    """
+    batch, hidden = x.shape
+    num_layers, cache_batch, slots, kv_heads, head_dim = k_cache.shape
+    q_width = weights["q_proj"].shape[-1]
+    shapes = {
+        "x": (x.shape, (batch, hidden)), "cos": (cos.shape, (batch, head_dim)), "sin": (sin.shape, (batch, head_dim)),
+        "key_valid": (key_valid.shape, (batch, slots)), "v_cache": (v_cache.shape, k_cache.shape),
+        "input_norm": (weights["input_norm"].shape, (num_layers, hidden)),
+        "q_proj": (weights["q_proj"].shape, (num_layers, hidden, q_width)),
+        "k_proj": (weights["k_proj"].shape, (num_layers, hidden, kv_heads * head_dim)),
+        "v_proj": (weights["v_proj"].shape, (num_layers, hidden, kv_heads * head_dim)),
+        "q_norm": (weights["q_norm"].shape, (num_layers, head_dim)),
+        "k_norm": (weights["k_norm"].shape, (num_layers, head_dim)),
+        "o_proj": (weights["o_proj"].shape, (num_layers, q_width, hidden)),
+    }
+    wrong = [f"{name} {got} (expected {want})" for name, (got, want) in shapes.items() if tuple(got) != want]
+    if cache_batch != batch or q_width % (kv_heads * head_dim) or head_dim % 2:
+        wrong.append(f"k_cache {k_cache.shape} (expected (L, {batch}, S, Hkv, even hd) with Hq*hd = "
+                     f"{q_width} a multiple of Hkv*hd)")
+    if wrong:
+        raise ValueError("decode_attention: x (B, D) against a cache (L, B, S, Hkv, hd); mismatched "
+                         + ", ".join(wrong))
+    floats = {"x": x, "cos": cos, "sin": sin, "k_cache": k_cache, "v_cache": v_cache, **weights}
+    not_f32 = [f"{name} {a.dtype}" for name, a in floats.items() if a.dtype != jnp.float32]
+    if not_f32:
+        raise ValueError(f"decode_attention takes float32 operands; got {', '.join(not_f32)}: cast them, or "
+                         "use the XLA path (omni_jax.nn.decoder) for these")
+    groups = q_width // (kv_heads * head_dim)
+    indices = jnp.stack([jnp.asarray(cache_index, jnp.int32), jnp.asarray(layer, jnp.int32)])
+    parts = max(1, min(numba.get_num_threads(), hidden))
+    kv_width = kv_heads * head_dim
+    results = [(batch, hidden), (batch, kv_width), (batch, kv_width),  # out, k_new, v_new
+               (batch, hidden), (batch, q_width), (batch, q_width),  # scratch: h, q, attn
+               (parts, batch, q_width), (parts, batch, kv_width), (parts, batch, kv_width), (parts, batch, hidden),
+               (batch, q_width // head_dim, slots)]
+    call = jax.ffi.ffi_call(
+        _registered(),
+        (*(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in results),
+         jax.ShapeDtypeStruct((batch, slots), jnp.int32), jax.ShapeDtypeStruct((1, head_dim), jnp.float32)),
+        vmap_method="sequential",
+    )
+    out, k_new, v_new = call(
+        indices, x, cos, sin, key_valid.astype(jnp.int32), weights["input_norm"], weights["q_proj"],
+        weights["k_proj"], weights["v_proj"], weights["q_norm"], weights["k_norm"], weights["o_proj"], k_cache, v_cache,
+        jnp.full((1,), eps, jnp.float32),
+    )[:3]
+    return out, k_new.reshape(batch, kv_heads, head_dim), v_new.reshape(batch, kv_heads, head_dim)
