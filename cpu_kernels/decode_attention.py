@@ -18,7 +18,8 @@ What made it fast (benchmark model, 4 rows, 301 slots; `bench/RESULTS.md`, 2026-
   * No libm call per element: numba's `np.exp` is a scalar `expf` call, and in the decode graph the
     first version took 375 us a layer (67 us of it outside the exponentials); `_exp_nonpositive`
     is a vectorisable polynomial (within 1 ulp).
-  * The cores split the products' contraction and the rows' attention (three parallel regions).
+  * The cores split the products' contraction and the rows' attention (three parallel regions),
+    for layers of at least `_PARALLEL_MIN_BYTES` of weights; smaller ones run on the calling thread.
   * The cache is read in its own order, with software prefetch ahead of the reads: between two
     layers the experts stream ~20 MB, so the layer's cache is cold every time; read a KV head at
     a time it ran at ~3 GB/s. (Prefetching the weights' rows as well was slower.)
@@ -52,6 +53,14 @@ _TARGET = "omni_jax_cpu_decode_attention"
 # Reassociation lets LLVM vectorise the sums over head_dim / hidden; `contract` allows FMAs.
 # No finite-math flags: the softmax's masked slots are skipped, not -inf, but keep IEEE semantics.
 _FAST = {"reassoc", "contract"}
+
+# A layer's attention weights from which the block runs on all cores. Below, the parallel regions'
+# hand-offs cost more than the second core saves: on `bench/speech_cpu.py`'s talker and code
+# predictor (0.79 MB a layer, one row, ~1,600 short calls a second) the talker + code predictor took
+# 0.45 s serial against 0.87 s on both cores (0.55 s with XLA's attention); on the thinker benchmark
+# (1.31 MB, 4 rows) both cores were ahead, though inside that machine's noise (paired decode step
+# against XLA's attention 1.013 / 1.067 on both cores, 1.010 / 0.986 serial).
+_PARALLEL_MIN_BYTES = 1 << 20
 
 # Slots the attention prefetches ahead of the one it reads. (Prefetching the weights' rows ahead
 # of the products as well was slower: 141-261 against 122-135 us a layer, cold.)
@@ -210,10 +219,10 @@ def _attend(q_heads, keys, values, k_heads, v_heads, valid, slot, scale, scores,
                     out_head[i] += weight * value[i]
 
 
-@njit(cache=True, fastmath=_FAST, parallel=True)
-def _decode_attention(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_norm, k_norm, wo,
-                      k_cache, v_cache, out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts,
-                      scores, exp_bits, rotated):
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _block(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_norm, k_norm, wo,
+           k_cache, v_cache, out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts,
+           scores, exp_bits, rotated):
     """In place: out (B, D); k_new, v_new (B, Hkv*hd). Scratch: h (B, D), q, attn (B, Hq*hd), the
     cores' partial sums q_parts (P, B, Hq*hd), k_parts, v_parts (P, B, Hkv*hd), out_parts (P, B, D),
     per row scores (B, Hq, S) and exp_bits (B, S) int32, rotated (hd,).
@@ -272,6 +281,23 @@ def _decode_attention(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, 
             ob[i] = xb[i] + ob[i]
 
 
+# Two compilations of the block: on the cores (its `prange` loops spread over numba's threads) and on
+# the calling thread only. The wrapper picks the serial one for small blocks, where the parallel
+# regions' hand-offs cost more than they save (see `_PARALLEL_MIN_BYTES`).
+@njit(cache=True, fastmath=_FAST, parallel=True)
+def _block_on_cores(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_norm, k_norm, wo, k_cache, v_cache,
+                    out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts, scores, exp_bits, rotated):
+    _block(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_norm, k_norm, wo, k_cache, v_cache,
+                    out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts, scores, exp_bits, rotated)
+
+
+@njit(cache=True, fastmath=_FAST)
+def _block_serial(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_norm, k_norm, wo, k_cache, v_cache,
+                    out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts, scores, exp_bits, rotated):
+    _block(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_norm, k_norm, wo, k_cache, v_cache,
+                    out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts, scores, exp_bits, rotated)
+
+
 @cfunc(ffi.HANDLER_SIGNATURE, cache=True)
 def _handler(frame_address):
     frame = ffi.call_frame(frame_address)
@@ -297,9 +323,15 @@ def _handler(frame_address):
     q_parts, k_parts, v_parts = ffi.float32_3d(frame, 6, True), ffi.float32_3d(frame, 7, True), ffi.float32_3d(frame, 8, True)
     out_parts, scores = ffi.float32_3d(frame, 9, True), ffi.float32_3d(frame, 10, True)
     exp_bits, rotated = ffi.int32_2d(frame, 11, True), ffi.float32_2d(frame, 12, True)[0]
-    _decode_attention(x, cos, sin, key_valid, indices[0], indices[1], eps, input_norm, wq, wk, wv, q_norm, k_norm,
-                      wo, k_cache, v_cache, out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts,
-                      scores, exp_bits, rotated)
+    slot, layer = indices[0], indices[1]
+    if q_parts.shape[0] > 1:
+        _block_on_cores(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_norm, k_norm, wo, k_cache,
+                        v_cache, out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts, scores, exp_bits,
+                        rotated)
+    else:
+        _block_serial(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_norm, k_norm, wo, k_cache,
+                      v_cache, out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts, scores, exp_bits,
+                      rotated)
     return ffi.null()
 
 
@@ -351,7 +383,8 @@ def decode_attention(x, cos, sin, key_valid, cache_index, layer, weights, k_cach
                          "use the XLA path (omni_jax.nn.decoder) for these")
     groups = q_width // (kv_heads * head_dim)
     indices = jnp.stack([jnp.asarray(cache_index, jnp.int32), jnp.asarray(layer, jnp.int32)])
-    parts = max(1, min(numba.get_num_threads(), hidden))
+    weight_bytes = 4 * (hidden * (q_width + 2 * kv_heads * head_dim) + q_width * hidden)
+    parts = max(1, min(numba.get_num_threads(), hidden)) if weight_bytes >= _PARALLEL_MIN_BYTES else 1
     kv_width = kv_heads * head_dim
     results = [(batch, hidden), (batch, kv_width), (batch, kv_width),  # out, k_new, v_new
                (batch, hidden), (batch, q_width), (batch, q_width),  # scratch: h, q, attn
