@@ -9,6 +9,11 @@ Timings exclude compilation (omni_jax) and a warm-up run (both). Each of `--repe
 both sides back to back; printed are each side's best round, their ratio, and the median over rounds
 of the ratio within a round ("paired", the figure least moved by other tenants' load).
 
+Measured 2026-12-07 05:21-06:09 on the same box with the decode attention-block kernel
+(`cpu_kernels/decode_attention.py`; 11 runs): decode 4.00x-5.37x paired, median 5.11x (6 of 11 at
+5x or above), best round 4.45x-7.34x, ours 383-604 tok/s against the reference's 77-104; prefill
+1.52x-1.83x paired. The code before it, interleaved (4 runs): decode 4.15x-4.89x paired.
+
 Measured 2026-12-07 02:07-03:51 on a 2-vCPU AVX-512 EPYC (Zen 4; 5 rounds, each run alone; 9 runs):
 prefill 1.62x-2.15x best round, 1.59x-1.85x paired (target met in every run); decode 4.68x-5.79x
 best (median 5.42x), 4.24x-5.50x paired (median 4.75x; reference 77-93 tok/s, ours 381-468): 5x
