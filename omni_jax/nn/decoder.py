@@ -225,9 +225,10 @@ def _attention_in_kernel(lp, x_b1d, cos, sin, mask_b1k, cache_k, cache_v, cache_
         "k_proj": p["k_proj"]["kernel"], "v_proj": p["v_proj"]["kernel"], "q_norm": p["q_norm"]["weight"],
         "k_norm": p["k_norm"]["weight"], "o_proj": p["o_proj"]["kernel"],
     }
+    batch = x_b1d.shape[0]
+    cos_bd, sin_bd = (jnp.broadcast_to(t[:, 0], (batch, t.shape[-1])) for t in (cos, sin))  # positions may broadcast
     y, k_new, v_new = cpu_kernels.decode_attention(
-        x_b1d[:, 0], cos[:, 0], sin[:, 0], mask_b1k[:, 0], cache_index, layer, weights, cache_k, cache_v,
-        d.rms_norm_eps)
+        x_b1d[:, 0], cos_bd, sin_bd, mask_b1k[:, 0], cache_index, layer, weights, cache_k, cache_v, d.rms_norm_eps)
     at = (layer, 0, cache_index, 0, 0)
     cache_k = jax.lax.dynamic_update_slice(cache_k, k_new[None, :, None], at)
     cache_v = jax.lax.dynamic_update_slice(cache_v, v_new[None, :, None], at)

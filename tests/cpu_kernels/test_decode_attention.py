@@ -144,11 +144,11 @@ def _dims(**overrides):
     return decoder.DecoderDims(**{**base, **overrides})
 
 
-def _decode_program(dims, rt, new_tokens, dtype=jnp.float32, batch=3, max_len=12):
+def _decode_program(dims, rt, new_tokens, dtype=jnp.float32, batch=3, max_len=12, position_rows=None):
     params = init_params(decoder.decoder_specs(dims), jax.random.key(0), dtype)
     cache = decoder.init_cache(dims, batch, max_len, dtype)
     embeds = jax.random.normal(jax.random.key(1), (batch, new_tokens, dims.hidden_size), dtype)
-    positions = jnp.broadcast_to(jnp.arange(new_tokens)[None, None] + 5, (3, batch, new_tokens))
+    positions = jnp.broadcast_to(jnp.arange(new_tokens)[None, None] + 5, (3, position_rows or batch, new_tokens))
     key_valid = jnp.arange(max_len)[None] < 5 + new_tokens
 
     def step(params, embeds, cache):
@@ -171,15 +171,16 @@ def test_decode_runs_the_kernel_only_for_one_float32_token_with_auto_attention(c
     assert ("omni_jax_cpu_decode_attention" in text) == (expect_kernel and on_cpu_host)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("scan_layers,position_rows", [(True, None), (False, None), (True, 1)],
+                         ids=["scanned", "unrolled", "positions_broadcast_over_rows"])
 @pytest.mark.parametrize("dims", [_dims(), _dims(num_heads=2, num_kv_heads=2, head_dim=32, mrope_section=(8, 4, 4), num_experts=0,
                                                  intermediate_size=48)], ids=["moe_gqa", "dense_mha"])
-def test_decode_step_through_the_kernel_equals_xla_attention(scan_layers, dims):
+def test_decode_step_through_the_kernel_equals_xla_attention(scan_layers, position_rows, dims):
     """A whole decode step (every layer, the MoE, the cache writes) both ways."""
     outs = []
     for impl in ("auto", "xla"):
         rt = Runtime(dtype="float32", param_dtype="float32", attention_impl=impl, scan_layers=scan_layers)
-        step, args = _decode_program(dims, rt, 1)
+        step, args = _decode_program(dims, rt, 1, position_rows=position_rows)
         outs.append(jax.jit(step)(*args))
     kernel, xla = outs
     _assert_within_scale(kernel.hidden, xla.hidden, "hidden")
