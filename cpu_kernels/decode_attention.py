@@ -45,6 +45,7 @@ import numba
 from numba import cfunc, njit, prange
 
 from cpu_kernels import ffi
+from cpu_kernels._loops import rms_norm_into, rows_block, sum_parts
 
 __all__ = ["decode_attention"]
 
@@ -68,59 +69,11 @@ _AHEAD = 16
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
-def _rows_block(x, w, first, last, out):
-    """out (R, N) = x[:, first:last] @ w[first:last] (K-block of rows of w (K, N)), each row of w
-    streamed once, four per pass over out (rows of w in order: the prefetchers follow them)."""
-    rows = x.shape[0]
-    width = w.shape[1]
-    for t in range(rows):
-        acc = out[t]
-        for n in range(width):
-            acc[n] = 0.0
-    k = first
-    while k + 4 <= last:
-        w0, w1, w2, w3 = w[k], w[k + 1], w[k + 2], w[k + 3]
-        for t in range(rows):
-            acc = out[t]
-            x0, x1, x2, x3 = x[t, k], x[t, k + 1], x[t, k + 2], x[t, k + 3]
-            for n in range(width):
-                acc[n] += x0 * w0[n] + x1 * w1[n] + x2 * w2[n] + x3 * w3[n]
-        k += 4
-    while k < last:
-        w0 = w[k]
-        for t in range(rows):
-            acc = out[t]
-            x0 = x[t, k]
-            for n in range(width):
-                acc[n] += x0 * w0[n]
-        k += 1
-
-
-@njit(cache=True, inline="always")
-def _sum_parts(parts, out):
-    """out (R, N) = sum over p of parts (P, R, N), in order of p."""
-    for t in range(out.shape[0]):
-        acc = out[t]
-        first = parts[0, t]
-        for n in range(out.shape[1]):
-            acc[n] = first[n]
-        for p in range(1, parts.shape[0]):
-            other = parts[p, t]
-            for n in range(out.shape[1]):
-                acc[n] += other[n]
-
-
-@njit(cache=True, fastmath=_FAST, inline="always")
 def _norm_rotate(row, weight, cos, sin, eps, rotated):
     """In place on row (head_dim,): RMSNorm by weight, then the rotary embedding (rotate-half form)."""
     dim = row.shape[0]
     half = dim // 2
-    total = np.float32(0.0)
-    for i in range(dim):
-        total += row[i] * row[i]
-    inv = np.float32(1.0) / np.sqrt(total / np.float32(dim) + eps)
-    for i in range(dim):
-        row[i] = weight[i] * (row[i] * inv)
+    rms_norm_into(row, weight, eps, row)
     for i in range(half):
         rotated[i] = -row[i + half]
         rotated[i + half] = row[i]
@@ -237,27 +190,20 @@ def _block(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_n
     slot = min(max(slot, 0), slots - 1)
     scale = np.float32(head_dim ** -0.5)
 
-    norm_w = input_norm[layer]
     for b in range(batch):
-        xb, hb = x[b], h[b]
-        total = np.float32(0.0)
-        for i in range(hidden):
-            total += xb[i] * xb[i]
-        inv = np.float32(1.0) / np.sqrt(total / np.float32(hidden) + eps)
-        for i in range(hidden):
-            hb[i] = norm_w[i] * (xb[i] * inv)
+        rms_norm_into(x[b], input_norm[layer], eps, h[b])
 
     # The cores split the contraction (each streams a contiguous block of every matrix's rows);
     # a few rows' products are memory-bound, so both cores' bandwidth is what makes them fast.
     wq_l, wk_l, wv_l = wq[layer], wk[layer], wv[layer]
     for p in prange(parts):
         first, last = hidden * p // parts, hidden * (p + 1) // parts
-        _rows_block(h, wq_l, first, last, q_parts[p])
-        _rows_block(h, wk_l, first, last, k_parts[p])
-        _rows_block(h, wv_l, first, last, v_parts[p])
-    _sum_parts(q_parts, q)
-    _sum_parts(k_parts, k_new)
-    _sum_parts(v_parts, v_new)
+        rows_block(h, wq_l, first, last, q_parts[p])
+        rows_block(h, wk_l, first, last, k_parts[p])
+        rows_block(h, wv_l, first, last, v_parts[p])
+    sum_parts(q_parts, q)
+    sum_parts(k_parts, k_new)
+    sum_parts(v_parts, v_new)
     qn, kn = q_norm[layer], k_norm[layer]
     for b in range(batch):
         for head in range(heads):
@@ -273,8 +219,8 @@ def _block(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_n
 
     wo_l = wo[layer]
     for p in prange(parts):
-        _rows_block(attn, wo_l, q_width * p // parts, q_width * (p + 1) // parts, out_parts[p])
-    _sum_parts(out_parts, out)
+        rows_block(attn, wo_l, q_width * p // parts, q_width * (p + 1) // parts, out_parts[p])
+    sum_parts(out_parts, out)
     for b in range(batch):
         ob, xb = out[b], x[b]
         for i in range(hidden):

@@ -387,8 +387,8 @@ def decode(
     mask = key_valid_bk[:, None, :] & (slot[None, None, :] <= query_slot[None, :, None])
 
     in_kernel = new == 1 and _attention_kernel_applies(params["layers"], x, cache, rt)
-    if in_kernel:  # the kernel takes the one query's row of the mask, per batch row
-        key_valid_b1k = jnp.broadcast_to(mask, (x.shape[0], 1, max_len))
+    if in_kernel:  # the kernel takes the one query's row of the mask, per batch row, as int32: once, not per layer
+        key_valid_b1k = jnp.broadcast_to(mask, (x.shape[0], 1, max_len)).astype(jnp.int32)
 
     def body(i, lp, x, extra):
         cache_k, cache_v, captured = extra
