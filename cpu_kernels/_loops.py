@@ -8,19 +8,21 @@ from numba import njit
 
 
 @njit(cache=True, inline="always")
-def rows_block(x, w, first, last, out):
-    """out (R, N) = x[:, first:last] @ w[first:last] (a block of the rows of w (K, N)), each row of w
+def rows_block(x, w, first, last, out, column=0):
+    """out (R, N) = x[:, first:last] @ w[first:last, column:column + N] (a block of the rows of w (K, M),
+    columns from `column`: indexing the whole C-ordered w keeps the inner loop contiguous), each row of w
     streamed once, in order (the prefetchers follow), four per pass over out: the pass's loads and
     stores of out (from L2 for a wide w) then serve four weight rows, not one."""
     rows = x.shape[0]
-    width = w.shape[1]
+    width = out.shape[1]
     for t in range(rows):
         acc = out[t]
         for n in range(width):
             acc[n] = 0.0
     k = first
     while k + 4 <= last:
-        w0, w1, w2, w3 = w[k], w[k + 1], w[k + 2], w[k + 3]
+        w0, w1 = w[k, column:column + width], w[k + 1, column:column + width]
+        w2, w3 = w[k + 2, column:column + width], w[k + 3, column:column + width]
         for t in range(rows):
             acc = out[t]
             x0, x1, x2, x3 = x[t, k], x[t, k + 1], x[t, k + 2], x[t, k + 3]
@@ -28,7 +30,7 @@ def rows_block(x, w, first, last, out):
                 acc[n] += x0 * w0[n] + x1 * w1[n] + x2 * w2[n] + x3 * w3[n]
         k += 4
     while k < last:
-        w0 = w[k]
+        w0 = w[k, column:column + width]
         for t in range(rows):
             acc = out[t]
             x0 = x[t, k]

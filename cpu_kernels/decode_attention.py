@@ -14,17 +14,23 @@ attention products. Here the stacks and the cache are read in place, once, with 
 and the block's ~20 XLA ops become one call. The caller writes the returned k, v into the cache
 (an in-place dynamic-update-slice).
 
-What made it fast (benchmark model, 4 rows, 301 slots; `bench/RESULTS.md`, 2026-12-07 session 9):
+What made it fast (benchmark model, 4 rows, 301 slots; `bench/RESULTS.md`, sessions 9 and 10):
   * No libm call per element: numba's `np.exp` is a scalar `expf` call, and in the decode graph the
     first version took 375 us a layer (67 us of it outside the exponentials); `_exp_nonpositive`
     is a vectorisable polynomial (within 1 ulp).
-  * The cores split the products' contraction and the rows' attention (three parallel regions),
-    for layers of at least `_PARALLEL_MIN_BYTES` of weights; smaller ones run on the calling thread.
+  * One parallel region per layer, a KV head per task: the task computes its query heads' and its
+    KV head's columns of the projections, their norms and rotary, every row's attention over its
+    KV head's slice of the cache, and its rows of the o projection (a partial sum, added after the
+    region). Each region's start costs 10-30 us of hand-off on this machine; the first version had
+    three (the products split over the contraction, the attention over the rows) and took ~10% more
+    of the decode step. Layers under `_PARALLEL_MIN_BYTES` of weights run on the calling thread.
+    The cores used are at most the KV heads (4 on Qwen3-Omni's thinker): enough for a desktop CPU,
+    not for a many-core server.
   * The cache is read in its own order, with software prefetch ahead of the reads: between two
     layers the experts stream ~20 MB, so the layer's cache is cold every time; read a KV head at
     a time it ran at ~3 GB/s. (Prefetching the weights' rows as well was slower.)
-  In the decode graph it takes ~240 us a layer against ~300 us for XLA's ops; the whole decode
-  step gains 2-5% (paired A/B in one process; ~90 us a layer hot, ~130 us with everything cold).
+  In the decode graph the three-region version took ~235 us a layer against ~300 us for XLA's ops;
+  the one-region version cut the whole decode step by a further ~10% (paired A/B in one process).
 
 Numerics: float32. Projections add their terms four at a time in order of the contraction; the
 norms', scores' and softmax's sums are vectorised (reassociated) reductions; the value sum is
@@ -60,7 +66,8 @@ _FAST = {"reassoc", "contract"}
 # predictor (0.79 MB a layer, one row, ~1,600 short calls a second) the talker + code predictor took
 # 0.45 s serial against 0.87 s on both cores (0.55 s with XLA's attention); on the thinker benchmark
 # (1.31 MB, 4 rows) both cores were ahead, though inside that machine's noise (paired decode step
-# against XLA's attention 1.013 / 1.067 on both cores, 1.010 / 0.986 serial).
+# against XLA's attention 1.013 / 1.067 on both cores, 1.010 / 0.986 serial). Measured with the
+# three-region block of session 9; the one-region block hands off a third as often.
 _PARALLEL_MIN_BYTES = 1 << 20
 
 # Slots the attention prefetches ahead of the one it reads. (Prefetching the weights' rows ahead
@@ -103,42 +110,37 @@ def _exp_nonpositive(row, count, bits):
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
-def _attend(q_heads, keys, values, k_heads, v_heads, valid, slot, scale, scores, exp_bits, a_heads):
-    """One row's attention: a_heads (Hq, hd) from q_heads (Hq, hd) over its cache slots keys, values
-    (S, Hkv, hd), with k_heads, v_heads (Hkv, hd) standing in at `slot`. scores (Hq, S) scratch.
-
-    The cache is read in its own order (slot by slot, every KV head of a slot together), one
-    sequential stream each for keys and values: the KV cache is cold at every layer (the experts'
-    reads evict it), and reading it a KV head at a time, 128-byte pieces at a stride, ran ~4x
-    slower there."""
+def _attend(q_heads, keys, values, group, k_head, v_head, valid, slot, scale, scores, exp_bits, a_heads):
+    """One row's attention for one KV head: a_heads (G, hd) from its query heads q_heads (G, hd) over
+    KV head `group` of the cache slots keys, values (S, Hkv, hd), with k_head, v_head (hd,) standing in
+    at `slot`. scores (G, S) scratch; exp_bits (S,) int32 scratch."""
     slots, kv_heads, head_dim = keys.shape
     heads = q_heads.shape[0]
-    groups = heads // kv_heads
     end = 0  # past the last valid slot: the loops stop there (decode never sees later slots)
     for s in range(slots):
         if valid[s] != 0:
             end = s + 1
-    # The cache is cold (see above): prefetch keys and values _AHEAD slots ahead of the scores loop,
-    # so the values are in cache when their loop comes.
-    row_bytes = kv_heads * head_dim * 4
-    keys_at, values_at = keys.ctypes.data, values.ctypes.data
-    for line in range(0, min(_AHEAD, end) * row_bytes, 64):
-        ffi.prefetch(keys_at + line)
-        ffi.prefetch(values_at + line)
+    stride = kv_heads * head_dim * 4
+    piece = head_dim * 4
+    keys_at = keys.ctypes.data + group * piece
+    values_at = values.ctypes.data + group * piece
+    for s in range(min(_AHEAD, end)):
+        for line in range(0, piece, 64):
+            ffi.prefetch(keys_at + s * stride + line)
+            ffi.prefetch(values_at + s * stride + line)
     for s in range(end):
         if s + _AHEAD < end:
-            ahead = (s + _AHEAD) * row_bytes
-            for line in range(0, row_bytes, 64):
+            ahead = (s + _AHEAD) * stride
+            for line in range(0, piece, 64):
                 ffi.prefetch(keys_at + ahead + line)
                 ffi.prefetch(values_at + ahead + line)
-        for kv in range(kv_heads):
-            key = k_heads[kv] if s == slot else keys[s, kv]
-            for head in range(kv * groups, (kv + 1) * groups):
-                qh = q_heads[head]
-                dot = np.float32(0.0)
-                for i in range(head_dim):
-                    dot += qh[i] * key[i]
-                scores[head, s] = dot * scale
+        key = k_head if s == slot else keys[s, group]
+        for head in range(heads):
+            qh = q_heads[head]
+            dot = np.float32(0.0)
+            for i in range(head_dim):
+                dot += qh[i] * key[i]
+            scores[head, s] = dot * scale
     # Masked softmax per query head, in place: the masked slots' weights are exact zeros.
     for head in range(heads):
         row = scores[head]
@@ -163,29 +165,27 @@ def _attend(q_heads, keys, values, k_heads, v_heads, valid, slot, scale, scores,
     for s in range(end):
         if valid[s] == 0:
             continue
-        for kv in range(kv_heads):
-            value = v_heads[kv] if s == slot else values[s, kv]
-            for head in range(kv * groups, (kv + 1) * groups):
-                weight = scores[head, s]
-                out_head = a_heads[head]
-                for i in range(head_dim):
-                    out_head[i] += weight * value[i]
+        value = v_head if s == slot else values[s, group]
+        for head in range(heads):
+            weight = scores[head, s]
+            out_head = a_heads[head]
+            for i in range(head_dim):
+                out_head[i] += weight * value[i]
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
 def _block(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_norm, k_norm, wo,
-           k_cache, v_cache, out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts,
-           scores, exp_bits, rotated):
-    """In place: out (B, D); k_new, v_new (B, Hkv*hd). Scratch: h (B, D), q, attn (B, Hq*hd), the
-    cores' partial sums q_parts (P, B, Hq*hd), k_parts, v_parts (P, B, Hkv*hd), out_parts (P, B, D),
-    per row scores (B, Hq, S) and exp_bits (B, S) int32, rotated (hd,).
-    Runs on raw buffers: indices are clamped here."""
+           k_cache, v_cache, out, k_new, v_new, h, q, k_groups, v_groups, attn, out_parts, scores, exp_bits, rotated):
+    """In place: out (B, D); k_new, v_new (B, Hkv*hd). Scratch, a slice per KV head g: q (Hkv, B, G*hd)
+    its query heads' columns, k_groups, v_groups (Hkv, B, hd), attn (B, Hq*hd) (columns g*G*hd on),
+    out_parts (Hkv, B, D) its partial o projection, scores (Hkv, B, G, S), exp_bits (Hkv, S) int32,
+    rotated (Hkv, hd); h (B, D) the normed input, shared. G = Hq/Hkv. Runs on raw buffers: indices
+    are clamped here."""
     batch, hidden = x.shape
     num_layers, _, slots, kv_heads, head_dim = k_cache.shape
     heads = wq.shape[2] // head_dim
     groups = heads // kv_heads
-    parts = q_parts.shape[0]
-    q_width = heads * head_dim
+    group_width = groups * head_dim
     layer = min(max(layer, 0), num_layers - 1)
     slot = min(max(slot, 0), slots - 1)
     scale = np.float32(head_dim ** -0.5)
@@ -193,33 +193,28 @@ def _block(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_n
     for b in range(batch):
         rms_norm_into(x[b], input_norm[layer], eps, h[b])
 
-    # The cores split the contraction (each streams a contiguous block of every matrix's rows);
-    # a few rows' products are memory-bound, so both cores' bandwidth is what makes them fast.
-    wq_l, wk_l, wv_l = wq[layer], wk[layer], wv[layer]
-    for p in prange(parts):
-        first, last = hidden * p // parts, hidden * (p + 1) // parts
-        rows_block(h, wq_l, first, last, q_parts[p])
-        rows_block(h, wk_l, first, last, k_parts[p])
-        rows_block(h, wv_l, first, last, v_parts[p])
-    sum_parts(q_parts, q)
-    sum_parts(k_parts, k_new)
-    sum_parts(v_parts, v_new)
+    # One KV head (with its query heads) per task, start to finish: its q/k/v columns, norms and
+    # rotary, every row's attention over its slice of the cache, and its rows of the o projection
+    # (a partial sum). The tasks need nothing from each other, so the block is one parallel region.
+    wq_l, wk_l, wv_l, wo_l = wq[layer], wk[layer], wv[layer], wo[layer]
     qn, kn = q_norm[layer], k_norm[layer]
-    for b in range(batch):
-        for head in range(heads):
-            _norm_rotate(q[b, head * head_dim:(head + 1) * head_dim], qn, cos[b], sin[b], eps, rotated)
-        for head in range(kv_heads):
-            _norm_rotate(k_new[b, head * head_dim:(head + 1) * head_dim], kn, cos[b], sin[b], eps, rotated)
-
     keys_l, values_l = k_cache[layer], v_cache[layer]
-    for b in prange(batch):
-        _attend(q[b].reshape((heads, head_dim)), keys_l[b], values_l[b], k_new[b].reshape((kv_heads, head_dim)),
-                v_new[b].reshape((kv_heads, head_dim)), key_valid[b], slot, scale, scores[b], exp_bits[b],
-                attn[b].reshape((heads, head_dim)))
-
-    wo_l = wo[layer]
-    for p in prange(parts):
-        rows_block(attn, wo_l, q_width * p // parts, q_width * (p + 1) // parts, out_parts[p])
+    for g in prange(kv_heads):
+        q_g, k_g, v_g = q[g], k_groups[g], v_groups[g]
+        rows_block(h, wq_l, 0, hidden, q_g, g * group_width)
+        rows_block(h, wk_l, 0, hidden, k_g, g * head_dim)
+        rows_block(h, wv_l, 0, hidden, v_g, g * head_dim)
+        for b in range(batch):
+            for head in range(groups):
+                _norm_rotate(q_g[b, head * head_dim:(head + 1) * head_dim], qn, cos[b], sin[b], eps, rotated[g])
+            _norm_rotate(k_g[b], kn, cos[b], sin[b], eps, rotated[g])
+            for i in range(head_dim):
+                k_new[b, g * head_dim + i] = k_g[b, i]
+                v_new[b, g * head_dim + i] = v_g[b, i]
+        for b in range(batch):
+            _attend(q_g[b].reshape((groups, head_dim)), keys_l[b], values_l[b], g, k_g[b], v_g[b], key_valid[b],
+                    slot, scale, scores[g, b], exp_bits[g], attn[b, g * group_width:(g + 1) * group_width].reshape((groups, head_dim)))
+        rows_block(attn, wo_l, g * group_width, (g + 1) * group_width, out_parts[g])
     sum_parts(out_parts, out)
     for b in range(batch):
         ob, xb = out[b], x[b]
@@ -227,21 +222,21 @@ def _block(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_n
             ob[i] = xb[i] + ob[i]
 
 
-# Two compilations of the block: on the cores (its `prange` loops spread over numba's threads) and on
+# Two compilations of the block: on the cores (its `prange` loop spread over numba's threads) and on
 # the calling thread only. The wrapper picks the serial one for small blocks, where the parallel
-# regions' hand-offs cost more than they save (see `_PARALLEL_MIN_BYTES`).
+# region's hand-off costs more than it saves (see `_PARALLEL_MIN_BYTES`).
 @njit(cache=True, fastmath=_FAST, parallel=True)
 def _block_on_cores(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_norm, k_norm, wo, k_cache, v_cache,
-                    out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts, scores, exp_bits, rotated):
+                    out, k_new, v_new, h, q, k_groups, v_groups, attn, out_parts, scores, exp_bits, rotated):
     _block(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_norm, k_norm, wo, k_cache, v_cache,
-                    out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts, scores, exp_bits, rotated)
+                    out, k_new, v_new, h, q, k_groups, v_groups, attn, out_parts, scores, exp_bits, rotated)
 
 
 @njit(cache=True, fastmath=_FAST)
 def _block_serial(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_norm, k_norm, wo, k_cache, v_cache,
-                    out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts, scores, exp_bits, rotated):
+                    out, k_new, v_new, h, q, k_groups, v_groups, attn, out_parts, scores, exp_bits, rotated):
     _block(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_norm, k_norm, wo, k_cache, v_cache,
-                    out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts, scores, exp_bits, rotated)
+                    out, k_new, v_new, h, q, k_groups, v_groups, attn, out_parts, scores, exp_bits, rotated)
 
 
 @cfunc(ffi.HANDLER_SIGNATURE, cache=True)
@@ -249,12 +244,12 @@ def _handler(frame_address):
     frame = ffi.call_frame(frame_address)
     if frame.size == 0:
         return ffi.null()
-    # Arguments: 0 indices (2,) int32 [cache slot, layer], 1 x (B, D), 2 cos (B, hd), 3 sin (B, hd),
+    # Arguments: 0 indices (3,) int32 [cache slot, layer, on all cores (0/1)], 1 x (B, D), 2 cos (B, hd), 3 sin (B, hd),
     # 4 key_valid (B, S) int32, 5 input_norm (L, D), 6-8 wq/wk/wv (L, D, N), 9-10 q/k norm (L, hd),
     # 11 wo (L, Hq*hd, D), 12-13 k/v cache (L, B, S, Hkv, hd), 14 eps (1,).
-    # Results: 0 out (B, D), 1-2 k_new/v_new (B, Hkv*hd); scratch: 3 h (B, D), 4 q, 5 attn (B, Hq*hd),
-    # 6 q parts (P, B, Hq*hd), 7-8 k/v parts (P, B, Hkv*hd), 9 out parts (P, B, D), 10 scores
-    # (B, Hq, S), 11 exp bits (B, S) int32, 12 rotated (1, hd).
+    # Results: 0 out (B, D), 1-2 k_new/v_new (B, Hkv*hd); scratch (see `_block`): 3 h (B, D), 4 q
+    # (Hkv, B, G*hd), 5 attn (B, Hq*hd), 6 out parts (Hkv, B, D), 7 scores (Hkv, B, G, S), 8 exp bits
+    # (Hkv, S) int32, 9 rotated (Hkv, hd), 10-11 k/v groups (Hkv, B, hd).
     indices = ffi.int32_1d(frame, 0)
     eps = ffi.float32_1d(frame, 14)[0]
     x, cos, sin = ffi.float32_2d(frame, 1), ffi.float32_2d(frame, 2), ffi.float32_2d(frame, 3)
@@ -265,19 +260,17 @@ def _handler(frame_address):
     wo = ffi.float32_3d(frame, 11)
     k_cache, v_cache = ffi.float32_5d(frame, 12), ffi.float32_5d(frame, 13)
     out, k_new, v_new = ffi.float32_2d(frame, 0, True), ffi.float32_2d(frame, 1, True), ffi.float32_2d(frame, 2, True)
-    h, q, attn = ffi.float32_2d(frame, 3, True), ffi.float32_2d(frame, 4, True), ffi.float32_2d(frame, 5, True)
-    q_parts, k_parts, v_parts = ffi.float32_3d(frame, 6, True), ffi.float32_3d(frame, 7, True), ffi.float32_3d(frame, 8, True)
-    out_parts, scores = ffi.float32_3d(frame, 9, True), ffi.float32_3d(frame, 10, True)
-    exp_bits, rotated = ffi.int32_2d(frame, 11, True), ffi.float32_2d(frame, 12, True)[0]
+    h, q, attn = ffi.float32_2d(frame, 3, True), ffi.float32_3d(frame, 4, True), ffi.float32_2d(frame, 5, True)
+    out_parts, scores = ffi.float32_3d(frame, 6, True), ffi.float32_4d(frame, 7, True)
+    exp_bits, rotated = ffi.int32_2d(frame, 8, True), ffi.float32_2d(frame, 9, True)
+    k_groups, v_groups = ffi.float32_3d(frame, 10, True), ffi.float32_3d(frame, 11, True)
     slot, layer = indices[0], indices[1]
-    if q_parts.shape[0] > 1:
+    if indices[2] != 0:
         _block_on_cores(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_norm, k_norm, wo, k_cache,
-                        v_cache, out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts, scores, exp_bits,
-                        rotated)
+                        v_cache, out, k_new, v_new, h, q, k_groups, v_groups, attn, out_parts, scores, exp_bits, rotated)
     else:
         _block_serial(x, cos, sin, key_valid, slot, layer, eps, input_norm, wq, wk, wv, q_norm, k_norm, wo, k_cache,
-                      v_cache, out, k_new, v_new, h, q, attn, q_parts, k_parts, v_parts, out_parts, scores, exp_bits,
-                      rotated)
+                      v_cache, out, k_new, v_new, h, q, k_groups, v_groups, attn, out_parts, scores, exp_bits, rotated)
     return ffi.null()
 
 
@@ -328,18 +321,19 @@ def decode_attention(x, cos, sin, key_valid, cache_index, layer, weights, k_cach
         raise ValueError(f"decode_attention takes float32 operands; got {', '.join(not_f32)}: cast them, or "
                          "use the XLA path (omni_jax.nn.decoder) for these")
     groups = q_width // (kv_heads * head_dim)
-    indices = jnp.stack([jnp.asarray(cache_index, jnp.int32), jnp.asarray(layer, jnp.int32)])
-    weight_bytes = 4 * (hidden * (q_width + 2 * kv_heads * head_dim) + q_width * hidden)
-    parts = max(1, min(numba.get_num_threads(), hidden)) if weight_bytes >= _PARALLEL_MIN_BYTES else 1
     kv_width = kv_heads * head_dim
+    weight_bytes = 4 * (hidden * (q_width + 2 * kv_width) + q_width * hidden)
+    on_cores = weight_bytes >= _PARALLEL_MIN_BYTES and numba.get_num_threads() > 1 and kv_heads > 1
+    indices = jnp.stack([jnp.asarray(cache_index, jnp.int32), jnp.asarray(layer, jnp.int32), jnp.int32(on_cores)])
     results = [(batch, hidden), (batch, kv_width), (batch, kv_width),  # out, k_new, v_new
-               (batch, hidden), (batch, q_width), (batch, q_width),  # scratch: h, q, attn
-               (parts, batch, q_width), (parts, batch, kv_width), (parts, batch, kv_width), (parts, batch, hidden),
-               (batch, q_width // head_dim, slots)]
+               (batch, hidden), (kv_heads, batch, q_width // kv_heads), (batch, q_width),  # scratch: h, q, attn
+               (kv_heads, batch, hidden)]
     call = jax.ffi.ffi_call(
         _registered(),
         (*(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in results),
-         jax.ShapeDtypeStruct((batch, slots), jnp.int32), jax.ShapeDtypeStruct((1, head_dim), jnp.float32)),
+         jax.ShapeDtypeStruct((kv_heads, batch, groups, slots), jnp.float32),
+         jax.ShapeDtypeStruct((kv_heads, slots), jnp.int32), jax.ShapeDtypeStruct((kv_heads, head_dim), jnp.float32),
+         jax.ShapeDtypeStruct((kv_heads, batch, head_dim), jnp.float32), jax.ShapeDtypeStruct((kv_heads, batch, head_dim), jnp.float32)),
         vmap_method="sequential",
     )
     out, k_new, v_new = call(
