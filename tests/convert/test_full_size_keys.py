@@ -254,12 +254,31 @@ def test_buffers_are_not_checkpoint_keys_and_omni_jax_recomputes_them():
         # (128, theta 1e6) table (entry 37: at position 65536 that is 2e-6 rad); the others are exact.
         np.testing.assert_array_max_ulp(ours, ref, maxulp=1)
 
-    # The audio sinusoid table: torch's fp32 exp is 1 ulp off at some inverse timescales, which
-    # position p multiplies (measured 3.05e-5 at p <= 1499); with torch's timescales the table is ours.
+    # The audio sinusoid table, sin | cos of position p times inverse timescales exp(-c k). Ours
+    # rounds exp correctly; torch's vectorised fp32 exp is 1 ulp off at some k, which ones depending on
+    # the CPU (6 of 640 on an AVX-512 Xeon). So: torch's timescales are within
+    # 1 ulp of ours; from torch's timescales our formula gives the table (1 ulp of sin/cos); and ours
+    # is the table to 1 ulp where the timescales agree, and elsewhere differs by no more than a 1-ulp
+    # timescale makes at p: p ulp(inv) in the product, plus the product's own rounding, ulp(p inv)
+    # (measured up to 1.22e-4 at p = 1293 on the Xeon).
     table = found["thinker.model.audio_tower.positional_embedding.positional_embedding"].numpy()
     ours = sinusoid_positions(audio.max_source_positions, audio.d_model)
     assert ours.shape == table.shape == (1500, 1280)
-    np.testing.assert_allclose(ours, table, rtol=0, atol=4e-5)
+    half = audio.d_model // 2
+    exponent = np.float32(-np.log(10000.0) / (half - 1)) * np.arange(half, dtype=np.float32)
+    ours_inv = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    torch_inv = torch.exp(torch.from_numpy(exponent)).numpy()  # the reference's fp32 exp, on this CPU
+    np.testing.assert_array_max_ulp(torch_inv, ours_inv, maxulp=1)
+    positions = np.arange(table.shape[0], dtype=np.float32)[:, None]
+    torch_scaled = (positions * torch_inv[None, :]).astype(np.float64)
+    from_torch_inv = np.concatenate([np.sin(torch_scaled), np.cos(torch_scaled)], axis=1).astype(np.float32)
+    np.testing.assert_array_max_ulp(from_torch_inv, table, maxulp=1)
+    agree = torch_inv == ours_inv
+    np.testing.assert_array_max_ulp(ours[:, np.tile(agree, 2)], table[:, np.tile(agree, 2)], maxulp=1)
+    bound = positions * np.spacing(ours_inv)[None, :] + np.spacing(positions * ours_inv[None, :])
+    bound = np.concatenate([bound, bound], axis=1) + 2 * np.spacing(np.float32(1.0))
+    excess = np.abs(ours - table) - bound
+    assert excess.max() <= 0, f"sinusoid table off by more than a 1-ulp timescale explains at {np.argmax(excess)}"
     np.testing.assert_allclose(ours[:2], table[:2], rtol=0, atol=1.2e-7)
 
     # Code2Wav's code_offset, through omni_jax's embedding lookup: a table whose row r holds r.
