@@ -185,7 +185,9 @@ def sinusoid_positions(length: int, channels: int, max_timescale: float = 10000.
     """(length, channels) float32 `SinusoidsPositionEmbedding` table: [sin | cos] halves.
 
     Rounded like torch's fp32 computation (fp32 products; exp, sin, cos correctly rounded from
-    float64): agrees with the reference buffer to ~1 ulp.
+    float64): agrees with the reference buffer to 1 ulp where torch's vectorised exp rounds the
+    timescale correctly; where it is 1 ulp off (which timescales depends on the CPU), position p
+    multiplies that ulp (up to 1.2e-4 at p < 1500, measured on an AVX-512 Xeon).
     """
     if channels % 2:
         raise ValueError("sinusoidal positions need an even channel count")
