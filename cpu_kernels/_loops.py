@@ -63,3 +63,24 @@ def rms_norm_into(src, weight, eps, dst):
     inv = np.float32(1.0) / np.sqrt(total / np.float32(size) + eps)
     for i in range(size):
         dst[i] = weight[i] * (src[i] * inv)
+
+
+@njit(cache=True, inline="always")
+def exp_nonpositive(row, count, bits):
+    """row[:count] = exp(row[:count]) for row <= 0, as a loop LLVM vectorises (numba's np.exp is a
+    scalar libm call per element). Cephes' expf: within 1 ulp of the float64 exp for x > -87;
+    below (and -inf) it gives ~1.6e-38 (the caller zeroes masked slots). bits: int32 scratch."""
+    scale = bits.view(np.float32)
+    for s in range(count):
+        x = max(row[s], np.float32(-87.0))
+        k = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))  # x = k ln2 + r, |r| <= ln2/2
+        r = x - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        p = p * r * r + r + np.float32(1.0)
+        bits[s] = (np.int32(k) + np.int32(127)) << 23  # 2^k
+        row[s] = p * scale[s]

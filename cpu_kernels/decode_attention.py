@@ -16,8 +16,8 @@ and the block's ~20 XLA ops become one call. The caller writes the returned k, v
 
 What made it fast (benchmark model, 4 rows, 301 slots; `bench/RESULTS.md`, sessions 9 and 10):
   * No libm call per element: numba's `np.exp` is a scalar `expf` call, and in the decode graph the
-    first version took 375 us a layer (67 us of it outside the exponentials); `_exp_nonpositive`
-    is a vectorisable polynomial (within 1 ulp).
+    first version took 375 us a layer (67 us of it outside the exponentials); `exp_nonpositive`
+    (in `_loops`) is a vectorisable polynomial (within 1 ulp).
   * One parallel region per layer, a KV head per task: the task computes its query heads' and its
     KV head's columns of the projections, their norms and rotary, every row's attention over its
     KV head's slice of the cache, and its rows of the o projection (a partial sum, added after the
@@ -51,7 +51,7 @@ import numba
 from numba import cfunc, njit, prange
 
 from cpu_kernels import ffi
-from cpu_kernels._loops import rms_norm_into, rows_block, sum_parts
+from cpu_kernels._loops import exp_nonpositive, rms_norm_into, rows_block, sum_parts
 
 __all__ = ["decode_attention"]
 
@@ -86,27 +86,6 @@ def _norm_rotate(row, weight, cos, sin, eps, rotated):
         rotated[i + half] = row[i]
     for i in range(dim):
         row[i] = row[i] * cos[i] + rotated[i] * sin[i]
-
-
-@njit(cache=True, fastmath=_FAST, inline="always")
-def _exp_nonpositive(row, count, bits):
-    """row[:count] = exp(row[:count]) for row <= 0, as a loop LLVM vectorises (numba's np.exp is a
-    scalar libm call per element). Cephes' expf: within 1 ulp of the float64 exp for x > -87;
-    below (and -inf) it gives ~1.6e-38 (the caller zeroes masked slots). bits: int32 scratch."""
-    scale = bits.view(np.float32)
-    for s in range(count):
-        x = max(row[s], np.float32(-87.0))
-        k = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))  # x = k ln2 + r, |r| <= ln2/2
-        r = x - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
-        p = np.float32(1.9875691500e-4)
-        p = p * r + np.float32(1.3981999507e-3)
-        p = p * r + np.float32(8.3334519073e-3)
-        p = p * r + np.float32(4.1665795894e-2)
-        p = p * r + np.float32(1.6666665459e-1)
-        p = p * r + np.float32(5.0000001201e-1)
-        p = p * r * r + r + np.float32(1.0)
-        bits[s] = (np.int32(k) + np.int32(127)) << 23  # 2^k
-        row[s] = p * scale[s]
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
@@ -150,7 +129,7 @@ def _attend(q_heads, keys, values, group, k_head, v_head, valid, slot, scale, sc
                 top = row[s]
         for s in range(end):
             row[s] = row[s] - top
-        _exp_nonpositive(row, end, exp_bits)
+        exp_nonpositive(row, end, exp_bits)
         total = np.float32(0.0)
         for s in range(end):
             weight = row[s] if valid[s] != 0 else np.float32(0.0)

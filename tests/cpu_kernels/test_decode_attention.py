@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import cpu_kernels
-from cpu_kernels.decode_attention import _exp_nonpositive
 from omni_jax.config import Runtime
 from omni_jax.nn import decoder
 from omni_jax.nn.attention import cached_attention
@@ -105,25 +104,6 @@ def test_a_row_without_visible_slots_gets_no_attention():
     want, _, _ = _xla_block(x, cos, sin, valid, 2, 0, weights, k_cache, v_cache)
     np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(x[1]))
     _assert_within_scale(out, want, "out")
-
-
-def test_exponential_within_one_ulp_of_float64():
-    from numba import njit  # noqa: PLC0415
-
-    @njit
-    def run(row, bits):
-        _exp_nonpositive(row, row.shape[0], bits)
-
-    x = -np.concatenate([np.linspace(0, 87, 200_001), np.random.default_rng(0).exponential(4, 50_000) % 87])
-    x = x.astype(np.float32)
-    got = x.copy()
-    run(got, np.zeros(got.shape, np.int32))
-    want = np.exp(x.astype(np.float64))
-    ulps = np.abs(got - want) / np.spacing(want.astype(np.float32)).astype(np.float64)
-    assert ulps.max() <= 1.0, f"{ulps.max():.2f} ulp at x = {x[ulps.argmax()]}"
-    below = np.array([-87.5, -100.0, -np.inf], np.float32)
-    run(below, np.zeros(3, np.int32))
-    assert np.all((below > 0) & (below < 2e-38))  # the caller zeroes masked slots itself
 
 
 def test_rejects_bad_shapes_and_dtypes_by_name():

@@ -1,6 +1,7 @@
-"""The CPU decode kernel for SwiGLU experts: equals a per-group float64 product, reads one layer of a
-stack in place, stays in bounds on bad sizes, differentiates like the pure-JAX path, and is what
-`grouped_swiglu` runs on CPU for few float32 rows (and only then)."""
+"""The CPU kernel for SwiGLU experts, both loops (streaming for few rows, register tiles for many):
+equals a per-group float64 product, reads one layer of a stack in place, stays in bounds on bad
+sizes, differentiates like the pure-JAX path, and is what `grouped_swiglu` runs on CPU for float32
+rows: few rows always, many where the tiles fit the widths."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 import cpu_kernels
+from cpu_kernels.expert_swiglu import STREAM_MAX_ROWS
 from omni_jax.nn.dense import CPU_KERNEL_MAX_ROWS
 from omni_jax.nn.grouped_matmul import grouped_swiglu
 
@@ -60,6 +62,43 @@ def test_equals_per_group_float64_product(rows, sizes, stacked):
     assert not got[sum(sizes):].any()
 
 
+# The tiled loop: more than STREAM_MAX_ROWS rows, widths multiples of 64. Groups whose sizes leave
+# each remainder of the 6-row register tile (0-5), groups longer than a task (48 rows), empty groups,
+# padding rows past the groups.
+TILED_CASES = [
+    (200, [49, 0, 6, 7, 8, 9, 10, 11, 0, 96]),  # 4 padding rows
+    (STREAM_MAX_ROWS + 1, [STREAM_MAX_ROWS + 1]),
+    (130, [0, 1, 2, 3, 4, 5, 0, 110]),
+]
+
+
+@pytest.mark.parametrize("rows,sizes", TILED_CASES)
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("inter,hidden_out", [(64, 128), (128, 64)])
+def test_tiled_loop_equals_per_group_float64_product(rows, sizes, stacked, inter, hidden_out):
+    assert rows > STREAM_MAX_ROWS and cpu_kernels.expert_swiglu_tiles_fit(np.zeros((1, 1, inter)), np.zeros((1, 1, hidden_out)))
+    rng = np.random.default_rng(rows + inter)
+    x, gate, up, down = _operands(rng, 2 if stacked else 0, len(sizes), 40, inter, hidden_out, rows)
+    layer = 1 if stacked else None
+    got = np.asarray(jax.jit(cpu_kernels.expert_swiglu)(x, gate, up, down, jnp.asarray(sizes, jnp.int32), layer))
+    pick = (lambda w: w[1]) if stacked else (lambda w: w)
+    want = _reference(x, pick(gate), pick(up), pick(down), sizes)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not got[sum(sizes):].any()
+
+
+def test_tiled_loop_silu_at_large_magnitudes():
+    """SiLU through the kernel's own exponential: gate outputs of |a| up to ~300 (exp(-|a|) underflows
+    past 87, where a * sigmoid(a) is a above zero and 0 below) stay finite and match float64."""
+    rng = np.random.default_rng(5)
+    x, gate, up, down = _operands(rng, 0, 2, 16, 64, 64, 80)
+    gate = gate * 60  # gate outputs ~ N(0, 60^2)
+    sizes = [37, 43]
+    got = np.asarray(cpu_kernels.expert_swiglu(x, gate, up, down, jnp.asarray(sizes, jnp.int32)))
+    assert np.abs(x @ gate[0]).max() > 150
+    np.testing.assert_allclose(got, _reference(x, gate, up, down, sizes), rtol=1e-5, atol=1e-4)
+
+
 def test_bad_sizes_and_layer_stay_in_bounds():
     """Raw buffers: group sizes past the rows and an out-of-range layer must not write outside them.
     Sizes are clamped to the rows left, and the layer like XLA's dynamic indices."""
@@ -68,6 +107,15 @@ def test_bad_sizes_and_layer_stay_in_bounds():
     sizes = [4, -3, 9]  # sum past the 6 rows, and a negative size
     got = np.asarray(cpu_kernels.expert_swiglu(x, gate, up, down, jnp.asarray(sizes, jnp.int32), jnp.int32(7)))
     want = _reference(x, gate[1], up[1], down[1], [4, 0, 2])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_loop_bad_sizes_and_layer_stay_in_bounds():
+    rng = np.random.default_rng(6)
+    x, gate, up, down = _operands(rng, 2, 3, 16, 64, 64, 70)
+    sizes = [50, -3, 99]
+    got = np.asarray(cpu_kernels.expert_swiglu(x, gate, up, down, jnp.asarray(sizes, jnp.int32), jnp.int32(-4)))
+    want = _reference(x, gate[0], up[0], down[0], [50, 0, 20])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -112,15 +160,16 @@ def _targets(fn, *args):
     return jax.jit(fn).lower(*args).as_text()
 
 
-@pytest.mark.parametrize("rows,dtype,expect_kernel", [
-    (8, jnp.float32, True),
-    (CPU_KERNEL_MAX_ROWS, jnp.float32, True),
-    (CPU_KERNEL_MAX_ROWS + 1, jnp.float32, False),  # prefill-sized: XLA's tiled products
-    (8, jnp.bfloat16, False),
+@pytest.mark.parametrize("rows,width,dtype,expect_kernel", [
+    (8, 16, jnp.float32, True),
+    (CPU_KERNEL_MAX_ROWS, 16, jnp.float32, True),
+    (CPU_KERNEL_MAX_ROWS + 1, 16, jnp.float32, False),  # prefill-sized, widths off the tiles: XLA's products
+    (CPU_KERNEL_MAX_ROWS + 1, 64, jnp.float32, True),  # prefill-sized, the kernel's register tiles
+    (8, 16, jnp.bfloat16, False),
 ])
-def test_grouped_swiglu_runs_the_kernel_for_few_float32_rows_on_cpu(rows, dtype, expect_kernel):
+def test_grouped_swiglu_runs_the_kernel_for_float32_rows_on_cpu(rows, width, dtype, expect_kernel):
     rng = np.random.default_rng(4)
-    x, gate, up, down = (jnp.asarray(a, dtype) for a in _operands(rng, 2, 4, 16, 8, 16, rows))
+    x, gate, up, down = (jnp.asarray(a, dtype) for a in _operands(rng, 2, 4, 16, width, width, rows))
     sizes = jnp.asarray([rows // 2, 0, rows - rows // 2, 0], jnp.int32)
     hlo = _targets(lambda *a: grouped_swiglu(*a, sizes, layer=jnp.int32(1), max_group_size=rows), x, gate, up, down)
     on_cpu_host = jax.default_backend() == "cpu"  # GPU/TPU hosts never pick a CPU kernel
