@@ -4,7 +4,7 @@ multiple of `TILE_WIDTH`.
 numba's loops keep a product's accumulators in memory (a load and a store per multiply-add), which
 held row-blocked products at 48-113 GFLOP/s on two cores of a Xeon where XLA reaches ~180-230 and
 torch ~300-400 (`bench/RESULTS.md`). Here the innermost loop is written in LLVM IR (a numba
-intrinsic): a tile of up to `TILE_ROWS` rows x `TILE_WIDTH` columns of c lives in vector registers
+intrinsic): a tile of up to `TILE_ROWS` rows x 64 columns of c lives in vector registers
 (6 x 4 vectors of 16 floats: 24 of AVX-512's 32 registers) while the loop runs down the contraction,
 each step loading one 64-wide row of b once for all the tile's rows and broadcasting one element of
 a per row: 24 fused multiply-adds per 4 vector loads and 6 broadcasts. On that machine it ran a
@@ -13,27 +13,41 @@ a per row: 24 fused multiply-adds per 4 vector loads and 6 broadcasts. On that m
 Numerics: float32, each output a sequential sum over the contraction in order, with fused
 multiply-adds (one rounding per step), added to c's value at the end.
 
-The vector type is 16 floats whatever the CPU: LLVM splits it into two 8-float halves on AVX2 (still
-register-resident: 48 of 16 registers do not fit, so there it spills; correct, slower).
+Without AVX-512 the tile is 6 x 16 in 8-float vectors (the AVX2 register file); the compiled code
+follows numba's target, so its cache is per CPU as well.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
+from numba.core import config as numba_config
 from numba.extending import intrinsic
 
+def _has_avx512() -> bool:
+    """Whether numba compiles for AVX-512 (its NUMBA_CPU_FEATURES if set, else the host's)."""
+    features = numba_config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
+    return "+avx512f" in features.split(",")
+
+
+# A tile: TILE_ROWS rows x _VECTORS vectors of _LANES floats in registers. AVX-512 (32 registers of
+# 16 floats): 6 x 4 vectors, 24 accumulators. AVX2 (16 registers of 8): 6 x 2, 12 accumulators; the
+# AVX-512 shape there spilled (158 GFLOP/s on two cores, compiled for AVX2 on the Xeon).
 TILE_ROWS = 6
-_LANES = 16
-_VECTORS = 4
-TILE_WIDTH = _LANES * _VECTORS  # columns of c a tile covers
+WIDE_VECTORS = _has_avx512()
+_LANES, _VECTORS = (16, 4) if WIDE_VECTORS else (8, 2)
+_BLOCK_COLUMNS = _LANES * _VECTORS
+# Widths `product_add` takes: a multiple of every machine's block, so that which products run here
+# does not depend on the CPU.
+TILE_WIDTH = 64
 
 
 def _tile_intrinsic(tile_rows: int):
-    """An intrinsic tile(a_at, lda, b_at, ldb, c_at, ldc, depth): c[0:tile_rows, 0:TILE_WIDTH] +=
-    a[0:tile_rows, 0:depth] @ b[0:depth, 0:TILE_WIDTH], operands given as byte addresses (int64) and
+    """An intrinsic tile(a_at, lda, b_at, ldb, c_at, ldc, depth): c[0:tile_rows, 0:_BLOCK_COLUMNS] +=
+    a[0:tile_rows, 0:depth] @ b[0:depth, 0:_BLOCK_COLUMNS], operands given as byte addresses (int64) and
     row strides in floats (int64), row-major float32."""
 
     @intrinsic
@@ -89,13 +103,13 @@ def product_add(a, b, c, row0, rows):
 
     a (R, K), b (K, N), c (R, N): C-contiguous float32, N a multiple of TILE_WIDTH, rows in bounds
     (the caller's to check: this reads raw addresses). Column blocks outermost, so a block of b
-    (K x TILE_WIDTH) stays in cache for all the rows."""
+    (K x _BLOCK_COLUMNS) stays in cache for all the rows."""
     depth = np.int64(a.shape[1])
     width = np.int64(b.shape[1])
     a_at = np.int64(a.ctypes.data) + np.int64(row0) * depth * 4
     b_at = np.int64(b.ctypes.data)
     c_at = np.int64(c.ctypes.data) + np.int64(row0) * width * 4
-    for column in range(0, width, TILE_WIDTH):
+    for column in range(0, width, _BLOCK_COLUMNS):
         b_block = b_at + column * 4
         r = 0
         while r + TILE_ROWS <= rows:

@@ -17,7 +17,8 @@ Implementations, chosen by `impl`:
     `cpu_kernels.expert_swiglu`, a numba kernel: for at most CPU_KERNEL_MAX_ROWS rows (decode; see
     `nn/dense.use_cpu_kernel`) it reads each used expert's matrices once, in place (XLA:CPU copies
     and repacks them, below); for more rows (prefill), where the expert and output widths are
-    multiples of 64, its products run in register tiles, faster than XLA:CPU's.
+    multiples of 64 and the CPU has AVX-512, its products run in register tiles, faster than
+    XLA:CPU's.
 
 `grouped_swiglu` is the expert feed-forward built on the same entry point: three grouped matmuls on
 GPU/TPU; on CPU one fused loop over *group-aligned* row tiles that computes gate, up, SiLU and down
@@ -352,8 +353,8 @@ def _swiglu_tile_ladder(rows: int, num_groups: int, max_group_size: int | None) 
 def _use_cpu_kernel(x, gate_w, up_w, down_w, group_sizes) -> bool:
     """Float32 rows on CPU, outside multi-device meshes, where `cpu_kernels.expert_swiglu` is faster:
     few rows (decode: it reads each used expert once; XLA:CPU copies and repacks each, see the module
-    docstring), and more rows (prefill) where its register tiles fit the widths (its products ran
-    ~1.6x faster than XLA:CPU's on the benchmark model's experts)."""
+    docstring), and more rows (prefill) where its register tiles fit the widths on an AVX-512 CPU
+    (its products ran ~1.6x faster than XLA:CPU's on the benchmark model's experts)."""
     rows = x.shape[0]
     if not (use_cpu_kernel(min(rows, CPU_KERNEL_MAX_ROWS), x, gate_w, up_w, down_w) and not varying_axes(group_sizes)):
         return False
@@ -361,7 +362,7 @@ def _use_cpu_kernel(x, gate_w, up_w, down_w, group_sizes) -> bool:
         return True
     import cpu_kernels  # noqa: PLC0415  (numba compiles or loads its cache on first import)
 
-    return cpu_kernels.expert_swiglu_tiles_fit(gate_w, down_w)
+    return cpu_kernels.expert_swiglu_prefill_faster(gate_w, down_w)
 
 
 def grouped_swiglu(
