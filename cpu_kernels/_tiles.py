@@ -1,4 +1,4 @@
-"""Register-blocked float32 matrix products for the kernels: c[rows] += a[rows] @ b, b's width a
+"""Register-blocked float32 matrix products for the kernels: c[rows] = a[rows] @ b, b's width a
 multiple of `TILE_WIDTH`.
 
 numba's loops keep a product's accumulators in memory (a load and a store per multiply-add), which
@@ -11,7 +11,7 @@ a per row: 24 fused multiply-adds per 4 vector loads and 6 broadcasts. On that m
 (132 or 264) x 512 x 256 product at 368-376 GFLOP/s on two cores (85% of their peak).
 
 Numerics: float32, each output a sequential sum over the contraction in order, with fused
-multiply-adds (one rounding per step), added to c's value at the end.
+multiply-adds (one rounding per step).
 
 Without AVX-512 the tile is 6 x 16 in 8-float vectors (the AVX2 register file); the compiled code
 follows numba's target, so its cache is per CPU as well.
@@ -40,13 +40,13 @@ TILE_ROWS = 6
 WIDE_VECTORS = _has_avx512()
 _LANES, _VECTORS = (16, 4) if WIDE_VECTORS else (8, 2)
 _BLOCK_COLUMNS = _LANES * _VECTORS
-# Widths `product_add` takes: a multiple of every machine's block, so that which products run here
+# Widths `product_into` takes: a multiple of every machine's block, so that which products run here
 # does not depend on the CPU.
 TILE_WIDTH = 64
 
 
 def _tile_intrinsic(tile_rows: int):
-    """An intrinsic tile(a_at, lda, b_at, ldb, c_at, ldc, depth): c[0:tile_rows, 0:_BLOCK_COLUMNS] +=
+    """An intrinsic tile(a_at, lda, b_at, ldb, c_at, ldc, depth): c[0:tile_rows, 0:_BLOCK_COLUMNS] =
     a[0:tile_rows, 0:depth] @ b[0:depth, 0:_BLOCK_COLUMNS], operands given as byte addresses (int64) and
     row strides in floats (int64), row-major float32."""
 
@@ -85,7 +85,7 @@ def _tile_intrinsic(tile_rows: int):
                 c_row = builder.gep(c_p, [builder.mul(ir.Constant(i64, t), ldc_v)])
                 for j in range(_VECTORS):
                     at = builder.bitcast(builder.gep(c_row, [ir.Constant(i64, j * _LANES)]), vec_ptr)
-                    builder.store(builder.fadd(builder.load(at, align=4), builder.load(accumulators[t][j])), at, align=4)
+                    builder.store(builder.load(accumulators[t][j]), at, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -98,8 +98,8 @@ _tile3, _tile2, _tile1 = _tile_intrinsic(3), _tile_intrinsic(2), _tile_intrinsic
 
 
 @njit(cache=True, inline="always")
-def product_add(a, b, c, row0, rows):
-    """c[row0:row0 + rows] += a[row0:row0 + rows] @ b, in tiles held in registers.
+def product_into(a, b, c, row0, rows):
+    """c[row0:row0 + rows] = a[row0:row0 + rows] @ b, in tiles held in registers.
 
     a (R, K), b (K, N), c (R, N): C-contiguous float32, N a multiple of TILE_WIDTH, rows in bounds
     (the caller's to check: this reads raw addresses). Column blocks outermost, so a block of b

@@ -17,7 +17,7 @@ More rows (prefill), when the expert width and the output width are multiples of
 `_tiles.TILE_WIDTH` (64): the products are the arithmetic, and XLA:CPU's for an expert's ~100-row
 tiles ran at ~185 GFLOP/s on a 2-core Xeon where torch's ran ~1.6x faster. Here each group's rows
 are cut into tasks of `_TASK_ROWS`, spread over the cores, and each task's three products run in
-register tiles (`_tiles.product_add`); SiLU uses a vectorisable exponential (`_loops.exp_nonpositive`).
+register tiles (`_tiles.product_into`); SiLU uses a vectorisable exponential (`_loops.exp_nonpositive`).
 
 Numerics: float32 throughout, each output a sequential float32 sum over the contraction (d for
 gate/up, f for down; fused multiply-adds in the tiled loop), so results differ from a blocked
@@ -39,7 +39,7 @@ from numba import cfunc, njit, prange
 
 from cpu_kernels import ffi
 from cpu_kernels._loops import exp_nonpositive
-from cpu_kernels._tiles import TILE_ROWS, TILE_WIDTH, WIDE_VECTORS, product_add
+from cpu_kernels._tiles import TILE_ROWS, TILE_WIDTH, WIDE_VECTORS, product_into
 
 __all__ = ["expert_swiglu", "expert_swiglu_supported", "expert_swiglu_tiles_fit", "expert_swiglu_prefill_faster",
            "STREAM_MAX_ROWS"]
@@ -136,12 +136,8 @@ def _swiglu_groups_tiled(x, sizes, gate, up, down, layer, gate_rows, up_rows, ou
         out[r, :] = 0.0
     for i in prange(num_tasks):
         g, first, count = task_group[i], task_first[i], task_rows[i]
-        for t in range(first, first + count):
-            gate_rows[t, :] = 0.0
-            up_rows[t, :] = 0.0
-            out[t, :] = 0.0
-        product_add(x, gate[layer, g], gate_rows, first, count)
-        product_add(x, up[layer, g], up_rows, first, count)
+        product_into(x, gate[layer, g], gate_rows, first, count)
+        product_into(x, up[layer, g], up_rows, first, count)
         # silu(a) = a * sigmoid(a), with e = exp(-|a|) <= 1: sigmoid is 1 / (1 + e) for a >= 0 and
         # e / (1 + e) below (no overflow either way).
         decay = np.empty(inter, np.float32)
@@ -154,7 +150,7 @@ def _swiglu_groups_tiled(x, sizes, gate, up, down, layer, gate_rows, up_rows, ou
             for f in range(inter):
                 a, e = a_row[f], decay[f]
                 a_row[f] = (a if a >= 0 else a * e) / (np.float32(1.0) + e) * u_row[f]
-        product_add(gate_rows, down[layer, g], out, first, count)
+        product_into(gate_rows, down[layer, g], out, first, count)
 
 
 @cfunc(ffi.HANDLER_SIGNATURE, cache=True)
