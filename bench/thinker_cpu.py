@@ -12,9 +12,10 @@ of the ratio within a round ("paired", the figure least moved by other tenants' 
 Measured 2026-12-07 12:04-12:25 on a 2-vCPU Intel Xeon (AVX-512, AMX, 300 MB L3; 11 runs, the
 one-region attention kernel and the code before it interleaved): the reference is about twice as
 fast there as on the EPYC below (prefill ~4,000-5,200 tok/s, decode 188-281 tok/s): prefill
-0.93-1.07x paired, decode 1.96-2.97x paired (median 2.25x). Neither target is reachable there in
-fp32: a 5x decode step would need the ~200 MB a step streamed at 47-69 GB/s (best measured 45-55),
-and XLA's products for the experts' shapes run ~1.6x slower than torch's MKL (bench/RESULTS.md).
+0.93-1.07x paired with XLA's expert products, 1.40-1.57x (median 1.47x, 5 runs) with the experts'
+prefill in register tiles (`cpu_kernels/_tiles.py`, 13:01-13:20); decode 1.96-2.97x paired (median
+2.25x). 5x at decode is not reachable there in fp32: the ~200 MB a step would have to stream at
+47-69 GB/s (best measured 45-55; bench/RESULTS.md).
 
 Measured 2026-12-07 05:21-06:09 on the AVX-512 EPYC below with the decode attention-block kernel
 (`cpu_kernels/decode_attention.py`; 11 runs): decode 4.00x-5.37x paired, median 5.11x (6 of 11 at
