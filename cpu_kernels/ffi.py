@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import hashlib
 import os
 import re
 
@@ -58,16 +59,33 @@ def api_version() -> tuple[int, int]:
     return int(major.group(1)), int(minor.group(1))
 
 
-# Frozen into the handlers when numba compiles them; `_drop_stale_handlers` below keeps numba's
+# Frozen into the handlers when numba compiles them; `_drop_stale_cache` below keeps numba's
 # on-disk cache from serving handlers built for another jaxlib's version.
 _API_MAJOR, _API_MINOR = api_version()
 
 # Beside numba's cache files: the FFI API version the cached handlers were compiled with.
 VERSION_STAMP = "omni_jax_ffi_api_version"
 
+# Beside them too: a digest of the helper modules that the kernels inline (`_loops`, `_tiles`, this
+# one). numba checks only a cached function's own source file, so after an edit to a helper alone it
+# would go on serving kernels compiled with the old helper (seen: crashes from a stale cache).
+HELPERS_STAMP = "omni_jax_kernel_helpers"
+_HELPER_SOURCES = ("_loops.py", "_tiles.py", "ffi.py")
 
-def _drop_stale_handlers() -> None:
-    """Removes this package's cached handlers if they were compiled for another FFI API version.
+
+def helpers_digest() -> str:
+    """sha256 of the inlined helper modules' sources, as recorded in HELPERS_STAMP."""
+    digest = hashlib.sha256()
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in _HELPER_SOURCES:
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()
+
+
+def _drop_stale_cache() -> None:
+    """Removes this package's cached handlers if they were compiled for another FFI API version, and
+    all its cached kernels if they were compiled with other helper modules (HELPERS_STAMP).
 
     numba's on-disk cache is keyed on the source files and the numba and Python versions, not on
     jaxlib's, and each handler carries the version it answers XLA with as a constant: after
@@ -76,25 +94,31 @@ def _drop_stale_handlers() -> None:
     it differs, the handlers' cache files (`*._handler-*.nbi/.nbc`, small: the kernels they call are
     cached apart and stay) are removed, and numba compiles the handlers again on this import. A
     missing stamp is only written: a fresh cache holds nothing stale, and removing files another
-    process may be loading is what the stamp avoids.
+    process may be loading is what the stamp avoids. The helpers' digest works the same way, for all
+    the package's cache files (`*.nb[ic]`).
     """
     try:  # numba's own cache locator (an internal of the pinned numba), for the directory it uses
         from numba.core.caching import CompileResultCacheImpl  # noqa: PLC0415
 
-        cache_dir = CompileResultCacheImpl(_drop_stale_handlers)._locator.get_cache_path()
+        cache_dir = CompileResultCacheImpl(_drop_stale_cache)._locator.get_cache_path()
     except Exception:  # noqa: BLE001  (another numba layout: nothing to check against)
         return
-    version = f"{_API_MAJOR}.{_API_MINOR}"
-    stamp = os.path.join(cache_dir, VERSION_STAMP)
+    _check_stamp(cache_dir, VERSION_STAMP, f"{_API_MAJOR}.{_API_MINOR}", "*._handler-*.nb[ic]")
+    _check_stamp(cache_dir, HELPERS_STAMP, helpers_digest(), "*.nb[ic]")
+
+
+def _check_stamp(cache_dir: str, name: str, value: str, stale_files: str) -> None:
+    """If the stamp `name` records another value, removes `stale_files`; then records `value`."""
+    stamp = os.path.join(cache_dir, name)
     try:
         with open(stamp) as f:
             recorded = f.read().strip()
     except OSError:
         recorded = None
-    if recorded == version:
+    if recorded == value:
         return
     if recorded is not None:
-        for path in glob.glob(os.path.join(cache_dir, "*._handler-*.nb[ic]")):
+        for path in glob.glob(os.path.join(cache_dir, stale_files)):
             try:
                 os.remove(path)
             except OSError:
@@ -102,12 +126,12 @@ def _drop_stale_handlers() -> None:
     try:
         os.makedirs(cache_dir, exist_ok=True)
         with open(stamp, "w") as f:
-            f.write(version)
+            f.write(value)
     except OSError:  # a read-only cache directory: numba will not cache there either
         pass
 
 
-_drop_stale_handlers()
+_drop_stale_cache()
 
 
 @intrinsic

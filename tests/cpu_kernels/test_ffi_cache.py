@@ -1,4 +1,5 @@
-"""numba's on-disk cache must not serve handlers compiled for another jaxlib's FFI API version.
+"""numba's on-disk cache must not serve handlers compiled for another jaxlib's FFI API version, nor
+kernels compiled with other versions of the helper modules they inline.
 
 Each case runs fresh processes against a private numba cache (NUMBA_CACHE_DIR), so the checkout's
 own cache is not touched.
@@ -42,8 +43,8 @@ def _run(cache_dir):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def _stamp(cache_dir):
-    (stamp,) = glob.glob(os.path.join(cache_dir, "**", ffi.VERSION_STAMP), recursive=True)
+def _stamp(cache_dir, name=ffi.VERSION_STAMP):
+    (stamp,) = glob.glob(os.path.join(cache_dir, "**", name), recursive=True)
     return stamp
 
 
@@ -89,3 +90,25 @@ def test_a_missing_stamp_is_written_without_touching_the_cache(warm_cache):
     assert _handler_files(warm_cache) == before
     with open(_stamp(warm_cache)) as f:
         assert f.read() == "%d.%d" % ffi.api_version()
+
+
+def _cache_files(cache_dir):
+    files = glob.glob(os.path.join(cache_dir, "**", "*.nb[ic]"), recursive=True)
+    return {path: os.stat(path).st_mtime_ns for path in files}
+
+
+def test_kernels_cached_with_other_helpers_are_compiled_again(warm_cache):
+    """After an edit to an inlined helper alone (`_loops`, `_tiles`, `ffi`), every kernel is compiled
+    again: numba itself checks only each function's own source file."""
+    with open(_stamp(warm_cache, ffi.HELPERS_STAMP)) as f:
+        assert f.read() == ffi.helpers_digest()
+    before = _cache_files(warm_cache)
+    assert any("expert_swiglu._swiglu_groups" in path for path in before)
+    with open(_stamp(warm_cache, ffi.HELPERS_STAMP), "w") as f:
+        f.write("0" * 64)  # as if the cache had been built with other helpers
+    _run(warm_cache)
+    after = _cache_files(warm_cache)
+    assert set(after) >= set(before)
+    assert all(after[p] > before[p] for p in before), [p for p in before if after[p] <= before[p]]
+    with open(_stamp(warm_cache, ffi.HELPERS_STAMP)) as f:
+        assert f.read() == ffi.helpers_digest()
