@@ -27,6 +27,7 @@ from numba.core import cgutils
 from numba.core import config as numba_config
 from numba.extending import intrinsic
 
+
 def _has_avx512() -> bool:
     """Whether numba compiles for AVX-512 (its NUMBA_CPU_FEATURES if set, else the host's)."""
     features = numba_config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()

@@ -56,6 +56,16 @@ STREAM_MAX_ROWS = 64
 _TASK_ROWS = 8 * TILE_ROWS
 
 
+@njit(cache=True, inline="always")
+def _group_starts(sizes, rows):
+    """(G + 1,) first row of each group and the end, sizes clamped to >= 0 and to the rows left."""
+    starts = np.empty(sizes.shape[0] + 1, np.int64)
+    starts[0] = 0
+    for g in range(sizes.shape[0]):
+        starts[g + 1] = min(starts[g] + max(sizes[g], 0), rows)
+    return starts
+
+
 @njit(parallel=True, cache=True)
 def _swiglu_groups(x, sizes, gate, up, down, layer, gate_rows, up_rows, out):
     """In place: out (R, Do); gate_rows, up_rows (R, F) are scratch. Bounds are enforced here:
@@ -65,10 +75,7 @@ def _swiglu_groups(x, sizes, gate, up, down, layer, gate_rows, up_rows, out):
     inter = gate.shape[3]
     hidden_out = down.shape[3]
     layer = min(max(layer, 0), gate.shape[0] - 1)  # XLA's clamping of dynamic indices
-    starts = np.empty(num_groups + 1, np.int64)
-    starts[0] = 0
-    for g in range(num_groups):
-        starts[g + 1] = min(starts[g] + max(sizes[g], 0), rows)
+    starts = _group_starts(sizes, rows)
     # The cores split the *used* groups evenly: a group costs about one read of its matrices
     # whatever its row count, and splitting all groups instead left one core with most of the
     # used ones whenever routing was uneven.
@@ -117,10 +124,7 @@ def _swiglu_groups_tiled(x, sizes, gate, up, down, layer, gate_rows, up_rows, ou
     num_groups = sizes.shape[0]
     inter = gate.shape[3]
     layer = min(max(layer, 0), gate.shape[0] - 1)
-    starts = np.empty(num_groups + 1, np.int64)
-    starts[0] = 0
-    for g in range(num_groups):
-        starts[g + 1] = min(starts[g] + max(sizes[g], 0), rows)
+    starts = _group_starts(sizes, rows)
     task_group = np.empty(rows // _TASK_ROWS + num_groups + 1, np.int64)
     task_first = np.empty_like(task_group)
     task_rows = np.empty_like(task_group)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from omni_jax import sharding
 
-__all__ = ["project", "use_cpu_kernel", "CPU_KERNEL_MAX_ROWS"]
+__all__ = ["project", "use_cpu_kernel", "cpu_kernel_allowed", "CPU_KERNEL_MAX_ROWS"]
 
 # Rows (decode: batch, or batch x top_k routed rows) up to which the CPU kernels run; above it XLA's
 # products are large enough to pay for their copies and repacks.
@@ -22,12 +22,16 @@ CPU_KERNEL_MAX_ROWS = 64
 
 
 def use_cpu_kernel(rows: int, *arrays: jax.Array) -> bool:
-    """Whether a `cpu_kernels` kernel should run: CPU backend, at most CPU_KERNEL_MAX_ROWS rows, all
-    operands float32, no multi-device ambient mesh and not inside shard_map (there XLA's
+    """Whether a `cpu_kernels` kernel should run: at most CPU_KERNEL_MAX_ROWS rows, and
+    `cpu_kernel_allowed`."""
+    return rows <= CPU_KERNEL_MAX_ROWS and cpu_kernel_allowed(*arrays)
+
+
+def cpu_kernel_allowed(*arrays: jax.Array) -> bool:
+    """Whether a `cpu_kernels` kernel may run on these operands, whatever their row count: CPU
+    backend, all float32, no multi-device ambient mesh and not inside shard_map (there XLA's
     partitioning of the plain ops applies)."""
-    if jax.default_backend() != "cpu" or rows > CPU_KERNEL_MAX_ROWS:
-        return False
-    if any(a.dtype != jnp.float32 for a in arrays):
+    if jax.default_backend() != "cpu" or any(a.dtype != jnp.float32 for a in arrays):
         return False
     mesh = sharding.ambient_mesh()
     return (mesh is None or mesh.size == 1) and not sharding.varying_axes(*arrays)

@@ -42,7 +42,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from omni_jax.nn.dense import CPU_KERNEL_MAX_ROWS, use_cpu_kernel
+from omni_jax.nn.dense import CPU_KERNEL_MAX_ROWS, cpu_kernel_allowed
 from omni_jax.sharding import varying_axes
 
 __all__ = ["grouped_matmul", "grouped_swiglu", "group_ids_of_rows"]
@@ -355,10 +355,9 @@ def _use_cpu_kernel(x, gate_w, up_w, down_w, group_sizes) -> bool:
     few rows (decode: it reads each used expert once; XLA:CPU copies and repacks each, see the module
     docstring), and more rows (prefill) where its register tiles fit the widths on an AVX-512 CPU
     (its products ran ~1.6x faster than XLA:CPU's on the benchmark model's experts)."""
-    rows = x.shape[0]
-    if not (use_cpu_kernel(min(rows, CPU_KERNEL_MAX_ROWS), x, gate_w, up_w, down_w) and not varying_axes(group_sizes)):
+    if not cpu_kernel_allowed(x, gate_w, up_w, down_w) or varying_axes(group_sizes):
         return False
-    if rows <= CPU_KERNEL_MAX_ROWS:
+    if x.shape[0] <= CPU_KERNEL_MAX_ROWS:
         return True
     import cpu_kernels  # noqa: PLC0415  (numba compiles or loads its cache on first import)
 

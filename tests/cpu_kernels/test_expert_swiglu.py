@@ -49,17 +49,22 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("rows,sizes", CASES)
-@pytest.mark.parametrize("stacked", [False, True])
-def test_equals_per_group_float64_product(rows, sizes, stacked):
-    rng = np.random.default_rng(rows + len(sizes))
-    x, gate, up, down = _operands(rng, 3 if stacked else 0, len(sizes), 40, 24, 36, rows)
-    layer = 2 if stacked else None
+def _assert_equals_float64(seed, rows, sizes, layers, inter, hidden_out):
+    """The jitted kernel against `_reference` on random operands (the last layer when stacked); rows
+    past the groups are zeros."""
+    x, gate, up, down = _operands(np.random.default_rng(seed), layers, len(sizes), 40, inter, hidden_out, rows)
+    layer = layers - 1 if layers else None
     got = np.asarray(jax.jit(cpu_kernels.expert_swiglu)(x, gate, up, down, jnp.asarray(sizes, jnp.int32), layer))
-    pick = (lambda w: w[2]) if stacked else (lambda w: w)
+    pick = (lambda w: w[layer]) if layers else (lambda w: w)
     want = _reference(x, pick(gate), pick(up), pick(down), sizes)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert not got[sum(sizes):].any()
+
+
+@pytest.mark.parametrize("rows,sizes", CASES)
+@pytest.mark.parametrize("stacked", [False, True])
+def test_equals_per_group_float64_product(rows, sizes, stacked):
+    _assert_equals_float64(rows + len(sizes), rows, sizes, 3 if stacked else 0, 24, 36)
 
 
 # The tiled loop: more than STREAM_MAX_ROWS rows, widths multiples of 64. Groups whose sizes leave
@@ -77,14 +82,7 @@ TILED_CASES = [
 @pytest.mark.parametrize("inter,hidden_out", [(64, 128), (128, 64)])
 def test_tiled_loop_equals_per_group_float64_product(rows, sizes, stacked, inter, hidden_out):
     assert rows > STREAM_MAX_ROWS and cpu_kernels.expert_swiglu_tiles_fit(np.zeros((1, 1, inter)), np.zeros((1, 1, hidden_out)))
-    rng = np.random.default_rng(rows + inter)
-    x, gate, up, down = _operands(rng, 2 if stacked else 0, len(sizes), 40, inter, hidden_out, rows)
-    layer = 1 if stacked else None
-    got = np.asarray(jax.jit(cpu_kernels.expert_swiglu)(x, gate, up, down, jnp.asarray(sizes, jnp.int32), layer))
-    pick = (lambda w: w[1]) if stacked else (lambda w: w)
-    want = _reference(x, pick(gate), pick(up), pick(down), sizes)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert not got[sum(sizes):].any()
+    _assert_equals_float64(rows + inter, rows, sizes, 2 if stacked else 0, inter, hidden_out)
 
 
 def test_tiled_loop_silu_at_large_magnitudes():
