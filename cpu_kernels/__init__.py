@@ -5,7 +5,7 @@
     #   x (rows, d) sorted by group; gate_w, up_w ([layers,] groups, d, f); down_w ([layers,] groups, f, d_out);
     #   group_sizes (groups,) int32 -> (rows, d_out); float32 only; decode-sized rows streamed, prefill-sized
     #   rows in register tiles where cpu_kernels.expert_swiglu_tiles_fit(gate_w, down_w) (faster than
-    #   XLA:CPU's products with AVX-512: cpu_kernels.expert_swiglu_prefill_faster)
+    #   XLA:CPU's products with AVX-512 or AVX2 + FMA: cpu_kernels.expert_swiglu_prefill_faster)
     y = cpu_kernels.rows_matmul(x, w)
     #   x (rows, k) @ w (k, n) -> (rows, n); float32 only (the decode-time language-model head)
     x, k_new, v_new = cpu_kernels.decode_attention(x, cos, sin, key_valid, cache_index, layer, weights,

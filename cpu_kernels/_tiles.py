@@ -28,17 +28,20 @@ from numba.core import config as numba_config
 from numba.extending import intrinsic
 
 
-def _has_avx512() -> bool:
-    """Whether numba compiles for AVX-512 (its NUMBA_CPU_FEATURES if set, else the host's)."""
-    features = numba_config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
-    return "+avx512f" in features.split(",")
+def _target_features() -> frozenset[str]:
+    """The CPU features numba compiles for (its NUMBA_CPU_FEATURES if set, else the host's), as
+    LLVM spells them ("+avx2", "-avx512f", ...)."""
+    return frozenset((numba_config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()).split(","))
+
+
+TARGET_FEATURES = _target_features()
 
 
 # A tile: TILE_ROWS rows x _VECTORS vectors of _LANES floats in registers. AVX-512 (32 registers of
 # 16 floats): 6 x 4 vectors, 24 accumulators. AVX2 (16 registers of 8): 6 x 2, 12 accumulators; the
 # AVX-512 shape there spilled (158 GFLOP/s on two cores, compiled for AVX2 on the Xeon).
 TILE_ROWS = 6
-WIDE_VECTORS = _has_avx512()
+WIDE_VECTORS = "+avx512f" in TARGET_FEATURES
 _LANES, _VECTORS = (16, 4) if WIDE_VECTORS else (8, 2)
 _BLOCK_COLUMNS = _LANES * _VECTORS
 # Widths `product_into` takes: a multiple of every machine's block, so that which products run here
@@ -98,33 +101,61 @@ _tile6, _tile5, _tile4 = _tile_intrinsic(6), _tile_intrinsic(5), _tile_intrinsic
 _tile3, _tile2, _tile1 = _tile_intrinsic(3), _tile_intrinsic(2), _tile_intrinsic(1)
 
 
+# AVX2 tiles load b as one 64-byte line per contraction step, at b's row stride: for the experts'
+# widths (256 and 512 floats, 1-2 KiB strides) those lines fall in a few of L1's sets and evict each
+# other, so every tile re-reads its block from L2 or beyond. Copying the block once into contiguous
+# scratch (K x 16 floats) for all of a task's row tiles took a 264 x 512 x 256 product in 132-row
+# halves from 90-111 to 119-143 GFLOP/s on a 2-core Zen 3 (session 12; the tiles reach 155-175 with
+# everything in L1). The AVX-512 tile reads 4 adjacent lines a step and was measured (Xeon) without
+# the copy, which is kept there.
+PACK_COLUMN_BLOCKS = not WIDE_VECTORS
+# Packing costs one pass over the block; below this many rows the tiles would read it about as
+# often as the copy does.
+_PACK_MIN_ROWS = 2 * TILE_ROWS
+
+
+@njit(cache=True, inline="always")
+def _tiles_down(a_at, lda, b_block, ldb, c_at, ldc, rows, depth):
+    """c[0:rows, 0:_BLOCK_COLUMNS] = a[0:rows] @ b_block, TILE_ROWS rows at a time then the remainder
+    (byte addresses and strides in floats, as the tile intrinsics)."""
+    r = 0
+    while r + TILE_ROWS <= rows:
+        _tile6(a_at + r * lda * 4, lda, b_block, ldb, c_at + r * ldc * 4, ldc, depth)
+        r += TILE_ROWS
+    left = rows - r
+    a_tile, c_tile = a_at + r * lda * 4, c_at + r * ldc * 4
+    if left == 5:
+        _tile5(a_tile, lda, b_block, ldb, c_tile, ldc, depth)
+    elif left == 4:
+        _tile4(a_tile, lda, b_block, ldb, c_tile, ldc, depth)
+    elif left == 3:
+        _tile3(a_tile, lda, b_block, ldb, c_tile, ldc, depth)
+    elif left == 2:
+        _tile2(a_tile, lda, b_block, ldb, c_tile, ldc, depth)
+    elif left == 1:
+        _tile1(a_tile, lda, b_block, ldb, c_tile, ldc, depth)
+
+
 @njit(cache=True, inline="always")
 def product_into(a, b, c, row0, rows):
     """c[row0:row0 + rows] = a[row0:row0 + rows] @ b, in tiles held in registers.
 
     a (R, K), b (K, N), c (R, N): C-contiguous float32, N a multiple of TILE_WIDTH, rows in bounds
     (the caller's to check: this reads raw addresses). Column blocks outermost, so a block of b
-    (K x _BLOCK_COLUMNS) stays in cache for all the rows."""
+    (K x _BLOCK_COLUMNS) stays in cache for all the rows; on AVX2, copied first into contiguous
+    scratch (`PACK_COLUMN_BLOCKS`). The copy changes no result: each output is the same sequence of
+    fused multiply-adds."""
     depth = np.int64(a.shape[1])
     width = np.int64(b.shape[1])
     a_at = np.int64(a.ctypes.data) + np.int64(row0) * depth * 4
     b_at = np.int64(b.ctypes.data)
     c_at = np.int64(c.ctypes.data) + np.int64(row0) * width * 4
-    for column in range(0, width, _BLOCK_COLUMNS):
-        b_block = b_at + column * 4
-        r = 0
-        while r + TILE_ROWS <= rows:
-            _tile6(a_at + r * depth * 4, depth, b_block, width, c_at + (r * width + column) * 4, width, depth)
-            r += TILE_ROWS
-        left = rows - r
-        a_tile, c_tile = a_at + r * depth * 4, c_at + (r * width + column) * 4
-        if left == 5:
-            _tile5(a_tile, depth, b_block, width, c_tile, width, depth)
-        elif left == 4:
-            _tile4(a_tile, depth, b_block, width, c_tile, width, depth)
-        elif left == 3:
-            _tile3(a_tile, depth, b_block, width, c_tile, width, depth)
-        elif left == 2:
-            _tile2(a_tile, depth, b_block, width, c_tile, width, depth)
-        elif left == 1:
-            _tile1(a_tile, depth, b_block, width, c_tile, width, depth)
+    if PACK_COLUMN_BLOCKS and rows >= _PACK_MIN_ROWS:
+        block = np.empty((depth, _BLOCK_COLUMNS), np.float32)
+        block_at = np.int64(block.ctypes.data)
+        for column in range(0, width, _BLOCK_COLUMNS):
+            block[:, :] = b[:, column:column + _BLOCK_COLUMNS]
+            _tiles_down(a_at, depth, block_at, np.int64(_BLOCK_COLUMNS), c_at + column * 4, width, rows, depth)
+    else:
+        for column in range(0, width, _BLOCK_COLUMNS):
+            _tiles_down(a_at, depth, b_at + column * 4, width, c_at + column * 4, width, rows, depth)

@@ -16,7 +16,7 @@ row of the group), and spreads the groups over the CPU's cores.
 More rows (prefill), when the expert width and the output width are multiples of
 `_tiles.TILE_WIDTH` (64): the products are the arithmetic, and XLA:CPU's for an expert's ~100-row
 tiles ran at ~185 GFLOP/s on a 2-core Xeon where torch's ran ~1.6x faster. Here each group's rows
-are cut into tasks of `_TASK_ROWS`, spread over the cores, and each task's three products run in
+are cut into tasks of 48-192 rows (`_task_rows`), spread over the cores, and each task's three products run in
 register tiles (`_tiles.product_into`); SiLU uses a vectorisable exponential (`_loops.exp_nonpositive`).
 
 Numerics: float32 throughout, each output a sequential float32 sum over the contraction (d for
@@ -34,12 +34,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numba
 import numpy as np
 from numba import cfunc, njit, prange
 
 from cpu_kernels import ffi
 from cpu_kernels._loops import exp_nonpositive
-from cpu_kernels._tiles import TILE_ROWS, TILE_WIDTH, WIDE_VECTORS, product_into
+from cpu_kernels._tiles import TARGET_FEATURES, TILE_ROWS, TILE_WIDTH, WIDE_VECTORS, product_into
 
 __all__ = ["expert_swiglu", "expert_swiglu_supported", "expert_swiglu_tiles_fit", "expert_swiglu_prefill_faster",
            "STREAM_MAX_ROWS"]
@@ -50,10 +51,22 @@ _TARGET = "omni_jax_cpu_expert_swiglu"
 # is the same bound). Above, the tiled loop, where the shapes allow it.
 STREAM_MAX_ROWS = 64
 
-# Rows per task of the tiled loop: eight register tiles. A task reads its expert's three matrices
-# (from cache when the previous task on its core had the same expert); tasks this small keep the
-# cores even when the groups are not.
-_TASK_ROWS = 8 * TILE_ROWS
+# Rows per task of the tiled loop: between 8 and 32 register tiles, as large as leaves each thread
+# about `_TASKS_PER_THREAD` tasks. A task reads (and on AVX2 copies: `_tiles.PACK_COLUMN_BLOCKS`) its
+# expert's three matrices once for all its rows, so larger tasks read less; several tasks per thread
+# keep the cores even when the groups are not. On a 2-core Zen 3 the copy paid only with large tasks:
+# 48-row tasks with it were ~12% slower than without, 192-row tasks with it ~4% faster (benchmark
+# experts, in-process A/B, median of 40 rounds; session 12). On an AVX-512 Xeon (no copy), 48- and
+# 192-row tasks measured the same.
+_TASK_MIN_ROWS = 8 * TILE_ROWS
+_TASK_MAX_ROWS = 32 * TILE_ROWS
+_TASKS_PER_THREAD = 4
+
+
+def _task_rows(rows: int) -> int:
+    """The tiled loop's rows per task for `rows` rows on numba's current thread count."""
+    share = rows // (_TASKS_PER_THREAD * numba.get_num_threads())
+    return min(max(share - share % TILE_ROWS, _TASK_MIN_ROWS), _TASK_MAX_ROWS)
 
 
 @njit(cache=True, inline="always")
@@ -117,22 +130,24 @@ def _swiglu_groups(x, sizes, gate, up, down, layer, gate_rows, up_rows, out):
 
 
 @njit(parallel=True, cache=True)
-def _swiglu_groups_tiled(x, sizes, gate, up, down, layer, gate_rows, up_rows, out):
-    """As `_swiglu_groups`, in register tiles; gate, up widths and down's a multiple of TILE_WIDTH
-    (the caller's to check). Bounds on sizes and layer are enforced here (raw buffers)."""
+def _swiglu_groups_tiled(x, sizes, gate, up, down, layer, task_size, gate_rows, up_rows, out):
+    """As `_swiglu_groups`, in register tiles, groups cut into tasks of at most `task_size` rows;
+    gate, up widths and down's a multiple of TILE_WIDTH (the caller's to check). Bounds on sizes and
+    layer are enforced here (raw buffers)."""
+    task_size = max(task_size, 1)
     rows = x.shape[0]
     num_groups = sizes.shape[0]
     inter = gate.shape[3]
     layer = min(max(layer, 0), gate.shape[0] - 1)
     starts = _group_starts(sizes, rows)
-    task_group = np.empty(rows // _TASK_ROWS + num_groups + 1, np.int64)
+    task_group = np.empty(rows // task_size + num_groups + 1, np.int64)
     task_first = np.empty_like(task_group)
     task_rows = np.empty_like(task_group)
     num_tasks = 0
     for g in range(num_groups):
         first = starts[g]
         while first < starts[g + 1]:
-            take = min(_TASK_ROWS, starts[g + 1] - first)
+            take = min(task_size, starts[g + 1] - first)
             task_group[num_tasks], task_first[num_tasks], task_rows[num_tasks] = g, first, take
             num_tasks += 1
             first += take
@@ -162,16 +177,16 @@ def _handler(frame_address):
     frame = ffi.call_frame(frame_address)
     if frame.size == 0:
         return ffi.null()
-    # Arguments: indices (2,) int32 [layer, tiled loop (0/1)], x (R, D), sizes (G,) int32, gate
-    # (L, G, D, F), up (L, G, D, F), down (L, G, F, Do). Results: out (R, Do), gate scratch (R, F),
-    # up scratch (R, F).
+    # Arguments: indices (2,) int32 [layer, rows per task of the tiled loop (0: the streaming loop)],
+    # x (R, D), sizes (G,) int32, gate (L, G, D, F), up (L, G, D, F), down (L, G, F, Do). Results:
+    # out (R, Do), gate scratch (R, F), up scratch (R, F).
     indices = ffi.int32_1d(frame, 0)
     x = ffi.float32_2d(frame, 1)
     sizes = ffi.int32_1d(frame, 2)
     gate, up, down = ffi.float32_4d(frame, 3), ffi.float32_4d(frame, 4), ffi.float32_4d(frame, 5)
     out, gate_rows, up_rows = ffi.float32_2d(frame, 0, True), ffi.float32_2d(frame, 1, True), ffi.float32_2d(frame, 2, True)
     if indices[1] != 0 and gate.shape[3] % TILE_WIDTH == 0 and down.shape[3] % TILE_WIDTH == 0:
-        _swiglu_groups_tiled(x, sizes, gate, up, down, indices[0], gate_rows, up_rows, out)
+        _swiglu_groups_tiled(x, sizes, gate, up, down, indices[0], indices[1], gate_rows, up_rows, out)
     else:
         _swiglu_groups(x, sizes, gate, up, down, indices[0], gate_rows, up_rows, out)
     return ffi.null()
@@ -198,10 +213,12 @@ def expert_swiglu_tiles_fit(gate_w, down_w) -> bool:
 
 def expert_swiglu_prefill_faster(gate_w, down_w) -> bool:
     """Whether many rows (prefill) should run here rather than in XLA:CPU's products: the tiles fit,
-    and numba compiles for AVX-512, where the tiled loop ran the benchmark model's experts ~1.6x
-    faster than XLA:CPU. Compiled for AVX2 (on the same Xeon) it was ~15% slower than XLA there,
-    and it has not been measured on an AVX2 machine, so there XLA keeps prefill."""
-    return WIDE_VECTORS and expert_swiglu_tiles_fit(gate_w, down_w)
+    and numba compiles for one of the two targets where the tiled loop was measured faster than
+    XLA:CPU on the benchmark model's experts: AVX-512 (~1.6x, a 2-core Xeon) and AVX2 with FMA
+    (~1.3-1.5x, a 2-core Zen 3, where XLA also had AVX2 only). Elsewhere (other instruction sets,
+    unmeasured) XLA keeps prefill."""
+    measured_target = WIDE_VECTORS or {"+avx2", "+fma"} <= TARGET_FEATURES
+    return measured_target and expert_swiglu_tiles_fit(gate_w, down_w)
 
 
 def _check(x, gate_w, up_w, down_w, group_sizes, layer):
@@ -235,7 +252,8 @@ def _forward(x, gate_w, up_w, down_w, group_sizes, layer):
         vmap_method="sequential",
     )
     tiled = rows > STREAM_MAX_ROWS and expert_swiglu_tiles_fit(gate_w, down_w)
-    indices = jnp.stack([jnp.asarray(layer, jnp.int32).reshape(()), jnp.int32(tiled)])
+    task_rows = _task_rows(rows) if tiled else 0
+    indices = jnp.stack([jnp.asarray(layer, jnp.int32).reshape(()), jnp.int32(task_rows)])
     return call(indices, x, group_sizes.astype(jnp.int32), gate_w, up_w, down_w)[0]
 
 

@@ -17,8 +17,8 @@ Implementations, chosen by `impl`:
     `cpu_kernels.expert_swiglu`, a numba kernel: for at most CPU_KERNEL_MAX_ROWS rows (decode; see
     `nn/dense.use_cpu_kernel`) it reads each used expert's matrices once, in place (XLA:CPU copies
     and repacks them, below); for more rows (prefill), where the expert and output widths are
-    multiples of 64 and the CPU has AVX-512, its products run in register tiles, faster than
-    XLA:CPU's.
+    multiples of 64 and the CPU has AVX-512 or AVX2 with FMA, its products run in register tiles,
+    faster than XLA:CPU's there.
 
 `grouped_swiglu` is the expert feed-forward built on the same entry point: three grouped matmuls on
 GPU/TPU; on CPU one fused loop over *group-aligned* row tiles that computes gate, up, SiLU and down
@@ -353,8 +353,9 @@ def _swiglu_tile_ladder(rows: int, num_groups: int, max_group_size: int | None) 
 def _use_cpu_kernel(x, gate_w, up_w, down_w, group_sizes) -> bool:
     """Float32 rows on CPU, outside multi-device meshes, where `cpu_kernels.expert_swiglu` is faster:
     few rows (decode: it reads each used expert once; XLA:CPU copies and repacks each, see the module
-    docstring), and more rows (prefill) where its register tiles fit the widths on an AVX-512 CPU
-    (its products ran ~1.6x faster than XLA:CPU's on the benchmark model's experts)."""
+    docstring), and more rows (prefill) where its register tiles fit the widths on a CPU where they
+    were measured faster (`cpu_kernels.expert_swiglu_prefill_faster`: AVX-512 ~1.6x, AVX2 + FMA
+    ~1.3-1.5x XLA:CPU's products on the benchmark model's experts)."""
     if not cpu_kernel_allowed(x, gate_w, up_w, down_w) or varying_axes(group_sizes):
         return False
     if x.shape[0] <= CPU_KERNEL_MAX_ROWS:

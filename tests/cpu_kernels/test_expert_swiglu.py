@@ -1,7 +1,7 @@
 """The CPU kernel for SwiGLU experts, both loops (streaming for few rows, register tiles for many):
 equals a per-group float64 product, reads one layer of a stack in place, stays in bounds on bad
 sizes, differentiates like the pure-JAX path, and is what `grouped_swiglu` runs on CPU for float32
-rows: few rows always, many where the tiles fit the widths on an AVX-512 CPU."""
+rows: few rows always, many where the tiles fit the widths on an AVX-512 or AVX2 + FMA CPU."""
 
 import jax
 import jax.numpy as jnp
@@ -68,12 +68,14 @@ def test_equals_per_group_float64_product(rows, sizes, stacked):
 
 
 # The tiled loop: more than STREAM_MAX_ROWS rows, widths multiples of 64. Groups whose sizes leave
-# each remainder of the 6-row register tile (0-5), groups longer than a task (48 rows), empty groups,
-# padding rows past the groups.
+# each remainder of the 6-row register tile (0-5), groups longer than a task (48 rows for the first
+# three; on two threads 120 for the last, whose tasks copy b's column blocks on AVX2), groups too
+# short for the copy, empty groups, padding rows past the groups.
 TILED_CASES = [
     (200, [49, 0, 6, 7, 8, 9, 10, 11, 0, 96]),  # 4 padding rows
     (STREAM_MAX_ROWS + 1, [STREAM_MAX_ROWS + 1]),
     (130, [0, 1, 2, 3, 4, 5, 0, 110]),
+    (1000, [401, 0, 3, 11, 585]),
 ]
 
 
@@ -162,7 +164,7 @@ def _targets(fn, *args):
     (8, 16, jnp.float32, True),
     (CPU_KERNEL_MAX_ROWS, 16, jnp.float32, True),
     (CPU_KERNEL_MAX_ROWS + 1, 16, jnp.float32, False),  # prefill-sized, widths off the tiles: XLA's products
-    # prefill-sized, the kernel's register tiles where they beat XLA:CPU (AVX-512)
+    # prefill-sized, the kernel's register tiles where they beat XLA:CPU (AVX-512, AVX2 + FMA)
     (CPU_KERNEL_MAX_ROWS + 1, 64, jnp.float32, cpu_kernels.expert_swiglu_prefill_faster(np.zeros((1, 1, 64)),
                                                                                         np.zeros((1, 1, 64)))),
     (8, 16, jnp.bfloat16, False),
