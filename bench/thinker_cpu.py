@@ -9,6 +9,12 @@ Timings exclude compilation (omni_jax) and a warm-up run (both). Each of `--repe
 both sides back to back; printed are each side's best round, their ratio, and the median over rounds
 of the ratio within a round ("paired", the figure least moved by other tenants' load).
 
+Measured 2026-12-07 15:12-15:56 on a 2-vCPU AMD EPYC (Zen 3, AVX2 only; 8 runs, the experts'
+prefill tiles on AVX2 and the code before interleaved): the reference is slow there (prefill
+1,100-1,500 tok/s, decode 50-63). Prefill paired 1.58-1.89x (median 1.60x) with the tiles,
+1.49-1.79x (median 1.58x) before: the box's drift hides the 1.16x an in-process A/B of our prefill
+measured; decode paired 4.64-5.90x (5x or above in 5 of 8). bench/RESULTS.md, session 12.
+
 Measured 2026-12-07 12:04-12:25 on a 2-vCPU Intel Xeon (AVX-512, AMX, 300 MB L3; 11 runs, the
 one-region attention kernel and the code before it interleaved): the reference is about twice as
 fast there as on the EPYC below (prefill ~4,000-5,200 tok/s, decode 188-281 tok/s): prefill
