@@ -9,6 +9,11 @@ Timings exclude compilation (omni_jax) and a warm-up run (both). Each of `--repe
 both sides back to back; printed are each side's best round, their ratio, and the median over rounds
 of the ratio within a round ("paired", the figure least moved by other tenants' load).
 
+Measured 2026-12-07 17:14-18:39 on a 2-vCPU AVX-512 EPYC (Zen 4; 9 runs, the session's start
+8e50cbd and its final code interleaved): prefill 1.81-2.58x paired, decode 5.09-5.85x paired,
+both targets met in every run (reference 76-100 tok/s decode, ours 423-543). bench/RESULTS.md,
+session 13.
+
 Measured 2026-12-07 15:12-15:56 on a 2-vCPU AMD EPYC (Zen 3, AVX2 only; 8 runs, the experts'
 prefill tiles on AVX2 and the code before interleaved): the reference is slow there (prefill
 1,100-1,500 tok/s, decode 50-63). Prefill paired 1.58-1.89x (median 1.60x) with the tiles,
