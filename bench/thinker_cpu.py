@@ -9,10 +9,10 @@ Timings exclude compilation (omni_jax) and a warm-up run (both). Each of `--repe
 both sides back to back; printed are each side's best round, their ratio, and the median over rounds
 of the ratio within a round ("paired", the figure least moved by other tenants' load).
 
-Measured 2026-12-07 17:14-18:39 on a 2-vCPU AVX-512 EPYC (Zen 4; 9 runs, the session's start
-8e50cbd and its final code interleaved): prefill 1.81-2.58x paired, decode 5.09-5.85x paired,
-both targets met in every run (reference 76-100 tok/s decode, ours 423-543). bench/RESULTS.md,
-session 13.
+Measured 2026-12-07 17:14-19:01 on a 2-vCPU AVX-512 EPYC (Zen 4; 14 runs, the session's start
+8e50cbd and its final code): prefill 1.81-2.58x paired (1.5x or above in every run), decode
+4.79-6.36x paired (5x or above in 13 of 14; best round 5.13-6.93x); reference 69-100 tok/s decode,
+ours 417-543. bench/RESULTS.md, session 13.
 
 Measured 2026-12-07 15:12-15:56 on a 2-vCPU AMD EPYC (Zen 3, AVX2 only; 8 runs, the experts'
 prefill tiles on AVX2 and the code before interleaved): the reference is slow there (prefill
